@@ -1,0 +1,5 @@
+import sys
+
+from tiedlm.cli import main
+
+sys.exit(main())

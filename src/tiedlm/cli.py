@@ -1,0 +1,194 @@
+"""The ``tiedlm`` command: parses arguments and calls the library.
+
+Every user error ends as one line on stderr, ``tiedlm: error: …``, and exit
+code 2; nothing already written is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from tiedlm import __version__
+from tiedlm.errors import TiedlmError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other user error
+        command = self.prog.partition(" ")[2]
+        raise TiedlmError(f"{command}: {message}" if command else message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tiedlm", description="Language models with tied embeddings and the augmented loss.")
+    parser.add_argument("--version", action="version", version=f"tiedlm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model from a TOML config")
+    train.add_argument("config", nargs="?", help="TOML config (optional with --resume: the checkpoint's is used)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.max_epochs=3 (repeatable)")
+    train.add_argument("--out", help="run folder (default: runs/<config name>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or from checkpoint folder DIR)")
+
+    evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a split")
+    evaluate.add_argument("checkpoint", help="checkpoint folder, or a run folder (uses its best/)")
+    evaluate.add_argument("--split", choices=("valid", "test"), default="valid")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="default: the config's eval_batch_size")
+    evaluate.add_argument("--data", help="corpus to evaluate on (default: the one it was trained on)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    generate = commands.add_parser("generate", help="sample text after a prompt")
+    generate.add_argument("checkpoint")
+    generate.add_argument("--prompt", default="", help="words to continue (out-of-vocabulary words become <unk>)")
+    generate.add_argument("--words", type=_positive_int, default=50)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 = always the most likely word")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely words (0 = all)")
+    generate.add_argument("--seed", type=int, default=None)
+
+    score = commands.add_parser("score", help="log-probability and perplexity of each line of a file")
+    score.add_argument("checkpoint")
+    score.add_argument("file", help="text file, or - for standard input")
+    score.add_argument("--batch-size", type=_positive_int, default=32)
+    return parser
+
+
+def _device(name: str = "auto"):
+    from tiedlm.train import resolve_device
+
+    return resolve_device(name)
+
+
+def _cmd_train(args) -> None:
+    from tiedlm.checkpoint import load_checkpoint, resolve_checkpoint
+    from tiedlm.config import apply_overrides, config_from_dict, load_config
+    from tiedlm.train import Trainer
+
+    if args.config is None and args.resume is None:
+        raise TiedlmError("train: give a CONFIG, or --resume DIR")
+    if args.resume is not None:
+        source = resolve_checkpoint(args.resume, prefer="latest")
+        run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+            raise TiedlmError(f"--out {args.out}: a resumed run continues in its own folder {run_dir}")
+        if args.config is not None:
+            config = load_config(args.config, args.overrides)
+        else:
+            saved = load_checkpoint(source, prefer="latest").config.to_dict()
+            for text in args.overrides:
+                config_from_dict(apply_overrides(saved, [text]), f"--set {text}")
+            config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source}")
+        trainer = Trainer(config, run_dir, resume=source)
+    else:
+        config = load_config(args.config, args.overrides)
+        run_dir = Path(args.out) if args.out else Path("runs") / config.name
+        trainer = Trainer(config, run_dir)
+    report = trainer.fit()
+    print(json.dumps(report))
+    print(f"best epoch {report['best_epoch']}: valid perplexity {report['valid_ppl']:.2f}, "
+          f"test perplexity {report['test_ppl']:.2f}  ({run_dir})")
+
+
+def _cmd_eval(args) -> None:
+    from tiedlm.checkpoint import load_checkpoint
+    from tiedlm.data import load_corpus
+    from tiedlm.evaluate import evaluate
+
+    checkpoint = load_checkpoint(args.checkpoint, _device())
+    corpus = load_corpus(args.data or checkpoint.config.data.corpus, vocab=checkpoint.vocab)
+    batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
+    result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, checkpoint.config.data.bptt)
+    record = {"checkpoint": str(checkpoint.path), "corpus": corpus.name, "split": args.split,
+              "batch_size": batch_size, "tokens": result.tokens, "loss": result.loss, "perplexity": result.perplexity}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{args.split} perplexity {result.perplexity:.2f} ({result.tokens} tokens, batch size {batch_size})")
+
+
+def _cmd_generate(args) -> None:
+    from tiedlm.checkpoint import load_checkpoint
+    from tiedlm.generate import format_words, generate
+
+    checkpoint = load_checkpoint(args.checkpoint, _device())
+    words, unknown = generate(checkpoint.model, checkpoint.vocab, args.prompt, args.words, args.temperature,
+                              args.top_k, args.seed)
+    if unknown:
+        warnings.warn(f"--prompt: not in the vocabulary, read as <unk>: {' '.join(unknown)}", stacklevel=1)
+    print(format_words(args.prompt.split() + words))
+
+
+def _read_lines(name: str) -> list[str]:
+    if name == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = Path(name).read_bytes()
+        except FileNotFoundError:
+            raise TiedlmError(f"{name}: no such file") from None
+        except OSError as exc:
+            raise TiedlmError(f"{name}: cannot read ({exc.strerror})") from None
+    where = "standard input" if name == "-" else name
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TiedlmError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise TiedlmError(f"{where}: no lines to score")
+    return lines
+
+
+def _cmd_score(args) -> None:
+    import math
+
+    from tiedlm.checkpoint import load_checkpoint
+    from tiedlm.generate import score_lines
+
+    lines = _read_lines(args.file)
+    checkpoint = load_checkpoint(args.checkpoint, _device())
+    where = "standard input" if args.file == "-" else args.file
+    scores = score_lines(checkpoint.model, checkpoint.vocab, lines, args.batch_size, where)
+    print("# line\tlogprob_nats\ttokens\tperplexity")
+    for number, score in enumerate(scores, 1):
+        print(f"{number}\t{score.logprob:.4f}\t{score.tokens}\t{score.perplexity:.2f}")
+    logprob, tokens = sum(s.logprob for s in scores), sum(s.tokens for s in scores)
+    print(f"total\t{logprob:.4f}\t{tokens}\t{math.exp(-logprob / tokens):.2f}")
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "score": _cmd_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = lambda message, *args, **kwargs: f"tiedlm: warning: {message}\n"
+    try:
+        args = _build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except TiedlmError as exc:
+        print(f"tiedlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tiedlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

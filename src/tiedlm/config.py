@@ -1,0 +1,236 @@
+"""Experiment configuration: dataclasses loaded from TOML, overridable with ``--set``.
+
+A config file has optional top-level ``name`` and ``seed`` and the sections
+``[data]``, ``[model]``, ``[loss]``, ``[train]`` and ``[paper]`` (the paper's
+target perplexities, kept as data). Every key is checked: an unknown key, a
+value of the wrong type or out of range is a one-line :class:`TiedlmError`
+naming the file (or ``--set``) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tiedlm.errors import TiedlmError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(low: float | None = None, high: float | None = None, *, high_open: bool = False) -> dict:
+    return {"low": low, "high": high, "high_open": high_open}
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "ptb"  # a bundled corpus ("ptb", "wikitext-2") or a directory with train/valid/test.txt
+    batch_size: int = field(default=20, metadata=_range(1))
+    bptt: int = field(default=35, metadata=_range(1))
+    eval_batch_size: int = field(default=10, metadata=_range(1))
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = field(default="lstm", metadata=_choice("lstm"))
+    hidden_size: int = field(default=200, metadata=_range(1))  # = embedding size (SPEC §4)
+    num_layers: int = field(default=2, metadata=_range(1))
+    dropout: float = field(default=0.3, metadata=_range(0.0, 1.0, high_open=True))  # drop probability
+    dropout_mode: str = field(default="exact", metadata=_choice("exact", "fast"))
+    tie_weights: bool = True
+    init_range: float = field(default=0.1, metadata=_range(0.0))
+
+
+@dataclass
+class LossConfig:
+    augmented: bool = False
+    tau: float = field(default=20.0, metadata=_range(0.0))
+    gamma: float = field(default=0.5, metadata=_range(0.0))
+    detach_target: bool = True
+
+
+@dataclass
+class TrainConfig:
+    lr: float = field(default=1.0, metadata=_range(0.0))
+    lr_decay: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    lr_decay_start: int = field(default=5, metadata=_range(1))  # first epoch whose lr is decayed
+    clip: float = field(default=5.0, metadata=_range(0.0))  # global gradient norm; 0 = no clipping
+    max_epochs: int = field(default=40, metadata=_range(1))
+    patience: int = field(default=5, metadata=_range(1))  # epochs without a better validation ppl
+    max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass
+class PaperConfig:
+    """The published perplexities this configuration is meant to reproduce."""
+
+    valid: float | None = None
+    test: float | None = None
+    source: str = ""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in ("data", "model", "loss", "train", "paper")}
+
+
+def _unknown(where: str, key: str, known: list[str]) -> TiedlmError:
+    close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return TiedlmError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _coerce(where: str, key: str, value: Any, kind: Any, meta: typing.Mapping) -> Any:
+    """Check ``value`` against the field's type and metadata; return it in that type."""
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    if optional:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+        ok = ok and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise TiedlmError(f"{where}: '{key}' must be {names[kind]}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise TiedlmError(f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and value < low:
+        raise TiedlmError(f"{where}: '{key}' must be at least {low}, got {value!r}")
+    if high is not None and (value >= high if meta.get("high_open") else value > high):
+        bound = "below" if meta.get("high_open") else "at most"
+        raise TiedlmError(f"{where}: '{key}' must be {bound} {high}, got {value!r}")
+    return value
+
+
+def config_from_dict(raw: dict[str, Any], where: str) -> Config:
+    """Build a checked :class:`Config` from parsed TOML/JSON; ``where`` names the source in errors."""
+    sections = _section_classes()
+    top_fields = {f.name: f for f in dataclasses.fields(Config) if f.name not in sections}
+    known = list(top_fields) + list(sections)
+    kwargs: dict[str, Any] = {}
+    top_hints = typing.get_type_hints(Config)
+    for key, value in raw.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise TiedlmError(f"{where}: '{key}' must be a table ([{key}])")
+            kwargs[key] = _section_from_dict(sections[key], key, value, where)
+        elif key in top_fields:
+            kwargs[key] = _coerce(where, key, value, top_hints[key], top_fields[key].metadata)
+        else:
+            raise _unknown(where, key, known)
+    return Config(**kwargs)
+
+
+def _section_from_dict(cls: type, section: str, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise _unknown(where, f"{section}.{key}", list(fields))
+        values[key] = _coerce(where, f"{section}.{key}", value, hints[key], fields[key].metadata)
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``section.key=value`` into its key path and raw value text."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise TiedlmError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=0.5")
+    return key.split("."), value.strip()
+
+
+def _parse_value(text: str, kind: Any) -> Any:
+    """Read ``--set`` text as TOML; a bare word for a string field is taken as it is."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if kind is str or text.lower() == "none":
+            return None if text.lower() == "none" else text
+        return text  # _coerce reports the type error with the option's name
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``--set section.key=value`` applied."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    sections = _section_classes()
+    top = typing.get_type_hints(Config)
+    for text in overrides:
+        path, value_text = parse_override(text)
+        where = f"--set {text}"
+        if len(path) == 1 and path[0] in top and path[0] not in sections:
+            merged[path[0]] = _parse_value(value_text, top[path[0]])
+        elif len(path) == 2 and path[0] in sections:
+            hints = typing.get_type_hints(sections[path[0]])
+            if path[1] not in hints:
+                raise _unknown(where, ".".join(path), list(hints))
+            merged.setdefault(path[0], {})[path[1]] = _parse_value(value_text, hints[path[1]])
+        else:
+            raise _unknown(where, ".".join(path), list(top))
+    return merged
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TiedlmError(f"config {path}: no such file") from None
+    except IsADirectoryError:
+        raise TiedlmError(f"config {path}: is a directory, expected a .toml file") from None
+    except OSError as exc:
+        raise TiedlmError(f"config {path}: cannot read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TiedlmError(f"config {path}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TiedlmError(f"config {path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a TOML config, apply ``--set`` overrides, and check every key."""
+    raw = read_toml(path)
+    raw.setdefault("name", Path(path).stem)
+    for text in overrides:  # check each override alone so the error names it
+        config_from_dict(apply_overrides(raw, [text]), f"--set {text}")
+    return config_from_dict(apply_overrides(raw, list(overrides)), f"config {path}")

@@ -1,0 +1,43 @@
+"""Perplexity: validation and test go through the same function."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tiedlm.data import batchify, bptt_windows, detach_state
+from tiedlm.loss import cross_entropy
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean cross-entropy per predicted token, in nats
+    tokens: int  # tokens predicted
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, bptt: int) -> Evaluation:
+    """Perplexity of ``model`` on the token stream ``ids`` (carried state, no dropout).
+
+    The stream is batchified like training data, so the last ``len % batch_size``
+    tokens are not scored; with batch size 1 every token but the first is.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    source = batchify(ids, batch_size).to(device)
+    state = model.init_state(batch_size)
+    total, count = 0.0, 0
+    for inputs, targets in bptt_windows(source, bptt):
+        logits, state = model(inputs, state)
+        state = detach_state(state)
+        total += cross_entropy(logits.flatten(0, 1), targets.flatten()).sum().item()
+        count += targets.numel()
+    model.train(was_training)
+    return Evaluation(total / count, count)

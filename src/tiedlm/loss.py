@@ -1,0 +1,161 @@
+"""Cross-entropy and the augmented loss (Inan et al. 2017, §3; SPEC §2).
+
+For a token with target word y* and model logits z = W·h (bias-free):
+
+    ŷ = softmax(z / τ)                       the model's distribution at temperature τ
+    ỹ = softmax(L · L[y*] / τ)               the target's neighbours in embedding space
+    J_aug = KL(ỹ ‖ ŷ) = Σ_i ỹ_i (log ỹ_i − log ŷ_i)
+    J_tot = CE(z + b, y*) + γ·τ · J_aug      (α = γτ, linear in τ: the paper's appendix)
+
+and ∂J_aug/∂z = (ŷ − ỹ)/τ. Whether ỹ is a constant target or also trains L is
+the ``detach_target`` setting.
+
+ỹ depends only on the target id, so it is computed once per unique target in
+the batch. Tokens are processed grouped by target in chunks of at most
+``max_chunk_elements`` entries of (tokens × |V|), in both the forward and the
+backward pass (which recomputes rather than stores), so memory stays bounded
+for large vocabularies. The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
+with autocast disabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per (tokens × |V|) block
+
+
+def _groups(
+    targets: torch.Tensor, chunk_rows: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (target_ids, token_index, row) blocks that cover every token once.
+
+    ``target_ids`` (U,) are distinct targets, ``token_index`` (n,) are tokens
+    whose target is among them, and ``row`` (n,) says which of the U each
+    token's target is; U ≤ chunk_rows and n ≤ chunk_rows.
+    """
+    unique, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)  # tokens grouped by target
+    ends = torch.cumsum(counts, 0).tolist()
+    starts = [0] + ends[:-1]
+    for u0 in range(0, unique.numel(), chunk_rows):
+        u1 = min(u0 + chunk_rows, unique.numel())
+        for t0 in range(starts[u0], ends[u1 - 1], chunk_rows):
+            t1 = min(t0 + chunk_rows, ends[u1 - 1])
+            tokens = order[t0:t1]
+            yield unique[u0:u1], tokens, inverse[tokens] - u0
+
+
+def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: float) -> torch.Tensor:
+    """log ỹ for each target id: log_softmax(L[y] · Lᵀ / τ), shape (U, |V|)."""
+    return torch.log_softmax(embedding[target_ids] @ embedding.t() / tau, dim=-1)
+
+
+class _AugmentedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, embedding, targets, tau, chunk_rows, train_target):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        with torch.autocast(logits.device.type, enabled=False):
+            z, emb = logits.to(dtype), embedding.to(dtype)
+            kl = z.new_empty(z.size(0))
+            for target_ids, tokens, row in _groups(targets, chunk_rows):
+                log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
+                neg_entropy = (log_q.exp() * log_q).sum(-1)  # (U,)
+                log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+                kl[tokens] = neg_entropy[row] - (log_q.exp()[row] * log_p).sum(-1)
+        ctx.save_for_backward(logits, embedding, targets, kl)
+        ctx.tau, ctx.chunk_rows, ctx.train_target = tau, chunk_rows, train_target
+        return kl.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        logits, embedding, targets, kl = ctx.saved_tensors
+        tau = ctx.tau
+        train_target = ctx.train_target and ctx.needs_input_grad[1]
+        dtype = kl.dtype
+        with torch.autocast(logits.device.type, enabled=False):
+            z, emb, g = logits.to(dtype), embedding.to(dtype), grad_kl.to(dtype)
+            grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+            grad_emb = torch.zeros_like(emb) if train_target else None
+            for target_ids, tokens, row in _groups(targets, ctx.chunk_rows):
+                log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
+                q = log_q.exp()[row]  # (n, V)
+                log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+                if grad_z is not None:
+                    grad_z[tokens] = (log_p.exp() - q) * (g[tokens] / tau).unsqueeze(1)  # (ŷ − ỹ)/τ
+                if grad_emb is not None:
+                    # ∂KL/∂s_j = ỹ_j (log ỹ_j − log ŷ_j − KL) for the scores s = L[y]·Lᵀ/τ
+                    d_scores = q * (log_q[row] - log_p - kl[tokens].unsqueeze(1)) * g[tokens].unsqueeze(1)
+                    d_rows = torch.zeros(target_ids.numel(), emb.size(0), dtype=dtype, device=emb.device)
+                    d_rows.index_add_(0, row, d_scores)  # (U, V): sum over tokens sharing a target
+                    grad_emb.index_add_(0, target_ids, d_rows @ emb / tau)
+                    grad_emb += d_rows.t() @ emb[target_ids] / tau
+        grad_logits = grad_z.to(logits.dtype) if grad_z is not None else None
+        grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
+        return grad_logits, grad_embedding, None, None, None, None
+
+
+def augmented_kl(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    embedding: torch.Tensor,
+    tau: float,
+    *,
+    detach_target: bool = True,
+    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Per-token KL(ỹ ‖ ŷ) of the augmented loss, shape (N,).
+
+    logits: (N, |V|) bias-free W·h; targets: (N,) int64; embedding: L, (|V|, d).
+    With ``detach_target`` ỹ is a constant; otherwise the gradient also flows
+    into L through ỹ.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or embedding.size(0) != logits.size(1):
+        raise ValueError(
+            f"augmented_kl: expected logits (N, V), targets (N,), embedding (V, d); got "
+            f"{tuple(logits.shape)}, {tuple(targets.shape)}, {tuple(embedding.shape)}"
+        )
+    chunk_rows = max(1, max_chunk_elements // logits.size(1))
+    return _AugmentedKL.apply(logits, embedding, targets, float(tau), chunk_rows, not detach_target)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token −log softmax(z + b)[y], computed in fp32, shape (N,)."""
+    if bias is not None:
+        logits = logits + bias
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+class AugmentedLoss(nn.Module):
+    """J_tot = CE(z + b) + γ·τ·KL(ỹ ‖ ŷ) per token (SPEC §2).
+
+    Call as ``loss_fn(logits, targets, embedding, bias=None)`` with bias-free
+    logits (N, |V|); returns (N,). Reduce it like cross-entropy.
+    """
+
+    def __init__(self, tau: float, gamma: float, detach_target: bool = True,
+                 max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        super().__init__()
+        self.tau, self.gamma, self.detach_target = float(tau), float(gamma), detach_target
+        self.max_chunk_elements = max_chunk_elements
+
+    def components(
+        self, logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy, KL) per token, before weighting."""
+        kl = augmented_kl(
+            logits, targets, embedding, self.tau, detach_target=self.detach_target,
+            max_chunk_elements=self.max_chunk_elements,
+        )
+        return cross_entropy(logits, targets, bias), kl.float()
+
+    def forward(self, logits, targets, embedding, bias=None) -> torch.Tensor:
+        ce, kl = self.components(logits, targets, embedding, bias)
+        return ce + self.gamma * self.tau * kl
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, gamma={self.gamma}, detach_target={self.detach_target}"

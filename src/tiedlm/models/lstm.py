@@ -1,0 +1,134 @@
+"""The VD-LSTM language model of Inan et al. (2017), with optional tied weights.
+
+    tokens (T, B) → embedding L (T, B, d) → [LSTM layer]×n → dropout → logits W·h + b (T, B, |V|)
+
+Variational dropout (SPEC §3): mask m_0 on the embedded inputs and one mask
+m_l per layer l, drawn once per window. The dropped output of layer l,
+h_l ⊙ m_l, is both the recurrent input of layer l at the next step and the
+input of layer l+1 (the top layer's goes to the decoder), so one mask per
+layer serves both uses:
+
+    x_t ⊙ m_0 ──► layer 1 ──► h1_t ⊙ m_1 ──► layer 2 ──► h2_t ⊙ m_2 ──► W·(.)
+                    ▲             │            ▲             │
+                    └─ h1_{t-1}⊙m_1            └─ h2_{t-1}⊙m_2
+
+``exact`` runs that with per-sequence masks in a Python loop over time
+(the input projection of all steps is one matrix product); ``fast`` shares
+each mask across the batch, which lets the recurrent mask be folded into the
+columns of W_hh and the fused LSTM kernel run unchanged. In evaluation both
+modes are the same deterministic network on the fused kernel.
+
+With ``tie_weights`` the decoder weight *is* the embedding matrix and there
+is no output bias (RE); hidden size must then equal embedding size, which it
+always does here (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tiedlm.config import ModelConfig
+from tiedlm.dropout import variational_mask
+
+State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H)
+
+
+class LSTMLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        size = config.hidden_size
+        self.embedding = nn.Embedding(vocab_size, size)
+        self.layers = nn.ModuleList(nn.LSTM(size, size) for _ in range(config.num_layers))
+        self.decoder = nn.Linear(size, vocab_size, bias=not config.tie_weights)
+        if config.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -config.init_range, config.init_range)
+        self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self.decoder.bias
+
+    def init_state(self, batch_size: int) -> State:
+        weight = self.embedding.weight
+        shape = (self.config.num_layers, batch_size, self.config.hidden_size)
+        return weight.new_zeros(shape), weight.new_zeros(shape)
+
+    def forward(self, tokens: torch.Tensor, state: State, *, include_bias: bool = True) -> tuple[torch.Tensor, State]:
+        """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step.
+
+        ``include_bias=False`` returns the bias-free W·h that the augmented loss needs.
+        """
+        x = self.embedding(tokens)  # (T, B, d)
+        if self.training and self.config.dropout > 0:
+            rows = 1 if self.config.dropout_mode == "fast" else tokens.size(1)
+            masks = self.sample_masks(rows, x.device, x.dtype)
+            h = self.run_layers(x, state, masks, fused=self.config.dropout_mode == "fast")
+        else:
+            h = self.run_layers(x, state, None, fused=True)
+        output, new_state = h
+        bias = self.decoder.bias if include_bias else None
+        logits = nn.functional.linear(output, self.decoder.weight, bias)  # (T, B, |V|)
+        return logits, new_state
+
+    def sample_masks(self, rows: int, device, dtype) -> list[torch.Tensor]:
+        """Masks m_0 (inputs) and m_1..m_n (layer outputs), each (rows, H)."""
+        return [
+            variational_mask(
+                rows, self.config.hidden_size, self.config.dropout, generator=self.mask_generator, device=device,
+                dtype=dtype,
+            )
+            for _ in range(self.config.num_layers + 1)
+        ]
+
+    def run_layers(
+        self, x: torch.Tensor, state: State, masks: list[torch.Tensor] | None, *, fused: bool
+    ) -> tuple[torch.Tensor, State]:
+        """The LSTM stack on embedded inputs x (T, B, d) → (top output after dropout, new state).
+
+        ``masks`` (see :meth:`sample_masks`) of shape (1, H) may use the fused
+        kernel (``fused=True``); masks of shape (B, H) need the step loop.
+        """
+        h0, c0 = state
+        new_h, new_c = [], []
+        for index, lstm in enumerate(self.layers):
+            hx = (h0[index : index + 1], c0[index : index + 1])
+            if masks is None:
+                x, (h, c) = lstm(x, hx)
+            else:
+                x = x * masks[index]
+                run = _fused_masked_layer if fused else _looped_masked_layer
+                x, (h, c) = run(lstm, x, hx, masks[index + 1])
+            new_h.append(h)
+            new_c.append(c)
+        if masks is not None:
+            x = x * masks[-1]
+        return x, (torch.cat(new_h), torch.cat(new_c))
+
+
+def _fused_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.Tensor):
+    """One layer with a batch-shared recurrent mask (1, H), folded into W_hh's columns."""
+    weight_hh = lstm.weight_hh_l0 * mask  # (4H, H) * (1, H): column j scaled by m_j
+    return functional_call(lstm, {"weight_hh_l0": weight_hh}, (x, hx))
+
+
+def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.Tensor):
+    """One layer with a per-sequence recurrent mask (B, H) applied to h_{t-1} at every step."""
+    h, c = hx[0][0], hx[1][0]  # (B, H)
+    steps, batch, _ = x.shape
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    # The input projection of all time steps in one matrix product.
+    gates_x = torch.addmm(bias, x.reshape(steps * batch, -1), lstm.weight_ih_l0.t()).view(steps, batch, -1)
+    weight_hh_t = lstm.weight_hh_l0.t()
+    outputs = []
+    for t in range(steps):
+        gates = torch.addmm(gates_x[t], h * mask, weight_hh_t)  # (B, 4H), PyTorch order i, f, g, o
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), (h.unsqueeze(0), c.unsqueeze(0))

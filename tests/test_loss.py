@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+import tiedlm
+from tiedlm import loss as loss_module
+from tiedlm.loss import AugmentedLoss, augmented_kl
+
+V, D, N, TAU = 11, 4, 23, 2.0
+
+
+@pytest.fixture
+def problem():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, V, dtype=torch.float64, generator=generator, requires_grad=True)
+    embedding = torch.randn(V, D, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=generator)
+    targets[:5] = 3  # repeated targets share one ỹ row
+    return logits, targets, embedding
+
+
+def brute_force_kl(logits, targets, embedding, tau):
+    """KL(ỹ‖ŷ) straight from the definition, token by token, in float64."""
+    rows = []
+    for n in range(logits.size(0)):
+        target_scores = embedding @ embedding[targets[n]] / tau
+        y_tilde = torch.exp(target_scores - torch.logsumexp(target_scores, 0))
+        log_y_hat = logits[n] / tau - torch.logsumexp(logits[n] / tau, 0)
+        rows.append((y_tilde * (torch.log(y_tilde) - log_y_hat)).sum())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 3 * V, V])  # one block, several, one token per block
+def test_equals_brute_force(problem, chunk):
+    logits, targets, embedding = problem
+    kl = augmented_kl(logits, targets, embedding, TAU, max_chunk_elements=chunk)
+    torch.testing.assert_close(kl, brute_force_kl(logits, targets, embedding, TAU), rtol=1e-12, atol=1e-12)
+
+
+def test_public_api_is_importable():
+    assert tiedlm.augmented_kl is augmented_kl and tiedlm.AugmentedLoss is AugmentedLoss
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 2 * V])
+def test_gradcheck_trained_target(problem, chunk):
+    logits, targets, embedding = problem
+    fn = lambda z, e: augmented_kl(z, targets, e, TAU, detach_target=False, max_chunk_elements=chunk)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits, embedding))
+
+
+def test_gradcheck_detached_target(problem):
+    logits, targets, embedding = problem
+    embedding = embedding.detach()
+    fn = lambda z: augmented_kl(z, targets, embedding, TAU, detach_target=True, max_chunk_elements=2 * V)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_trained_target_gradient_matches_autograd_of_definition(problem):
+    logits, targets, embedding = problem
+    weights = torch.rand(N, dtype=torch.float64)
+    ours = torch.autograd.grad((augmented_kl(logits, targets, embedding, TAU, detach_target=False) * weights).sum(),
+                               (logits, embedding))
+    reference = torch.autograd.grad((brute_force_kl(logits, targets, embedding, TAU) * weights).sum(),
+                                    (logits, embedding))
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_logit_gradient_is_y_hat_minus_y_tilde_over_tau(problem):
+    logits, targets, embedding = problem
+    grad_logits, grad_embedding = torch.autograd.grad(
+        augmented_kl(logits, targets, embedding, TAU, detach_target=True).sum(), (logits, embedding),
+        allow_unused=True,
+    )
+    y_hat = torch.softmax(logits / TAU, -1)
+    y_tilde = torch.softmax(embedding[targets] @ embedding.t() / TAU, -1)
+    torch.testing.assert_close(grad_logits, (y_hat - y_tilde) / TAU, rtol=1e-12, atol=1e-14)
+    assert grad_embedding is None  # a detached target does not train L
+
+
+def test_kl_is_nonnegative_and_zero_at_target_logits(problem):
+    logits, targets, embedding = problem
+    assert (augmented_kl(logits, targets, embedding, TAU) >= 0).all()
+    target_logits = (embedding[targets] @ embedding.t()).detach()  # ŷ = ỹ exactly
+    kl = augmented_kl(target_logits, targets, embedding, TAU)
+    torch.testing.assert_close(kl, torch.zeros(N, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_target_distribution_computed_once_per_unique_target(problem, monkeypatch):
+    logits, targets, embedding = problem
+    seen = []
+    original = loss_module._target_log_probs
+    monkeypatch.setattr(loss_module, "_target_log_probs", lambda e, ids, tau: seen.append(ids) or original(e, ids, tau))
+    augmented_kl(logits, targets, embedding, TAU)
+    ids = torch.cat(seen)
+    assert ids.numel() == targets.unique().numel() == ids.unique().numel()
+
+
+def test_blocks_never_exceed_the_chunk_bound(problem, monkeypatch):
+    logits, targets, embedding = problem
+    chunk_rows = 3
+    blocks = list(loss_module._groups(targets, chunk_rows))
+    assert all(ids.numel() <= chunk_rows and tokens.numel() <= chunk_rows for ids, tokens, _ in blocks)
+    covered = torch.cat([tokens for _, tokens, _ in blocks])
+    assert sorted(covered.tolist()) == list(range(N))
+    for ids, tokens, row in blocks:
+        assert torch.equal(ids[row], targets[tokens])
+
+
+def test_augmented_loss_is_ce_plus_gamma_tau_kl(problem):
+    logits, targets, embedding = problem
+    bias = torch.randn(V, dtype=torch.float64)
+    loss_fn = AugmentedLoss(tau=TAU, gamma=0.7)
+    expected = torch.nn.functional.cross_entropy((logits + bias).float(), targets, reduction="none")
+    expected = expected + 0.7 * TAU * brute_force_kl(logits, targets, embedding, TAU).float()
+    torch.testing.assert_close(loss_fn(logits, targets, embedding, bias=bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_in_float32_under_bfloat16_inputs(problem):
+    logits, targets, embedding = problem
+    kl = augmented_kl(logits.detach().bfloat16(), targets, embedding.detach().bfloat16(), TAU)
+    assert kl.dtype == torch.bfloat16
+    reference = brute_force_kl(logits.detach().bfloat16().double(), targets, embedding.detach().bfloat16().double(), TAU)
+    torch.testing.assert_close(kl.double(), reference, rtol=2e-2, atol=2e-3)
+
+
+def test_shape_errors_are_reported(problem):
+    logits, targets, embedding = problem
+    with pytest.raises(ValueError, match="expected logits"):
+        augmented_kl(logits, targets[:-1], embedding, TAU)
