@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from tiedlm import __version__
@@ -127,7 +126,7 @@ def _cmd_generate(args) -> None:
     words, unknown = generate(checkpoint.model, checkpoint.vocab, args.prompt, args.words, args.temperature,
                               args.top_k, args.seed)
     if unknown:
-        warnings.warn(f"--prompt: not in the vocabulary, read as <unk>: {' '.join(unknown)}", stacklevel=1)
+        print(f"tiedlm: warning: --prompt: not in the vocabulary, read as <unk>: {' '.join(unknown)}", file=sys.stderr)
     print(format_words(args.prompt.split() + words))
 
 
@@ -160,8 +159,8 @@ def _cmd_score(args) -> None:
     from tiedlm.checkpoint import load_checkpoint
     from tiedlm.generate import score_lines
 
-    lines = _read_lines(args.file)
     checkpoint = load_checkpoint(args.checkpoint, _device())
+    lines = _read_lines(args.file)
     where = "standard input" if args.file == "-" else args.file
     scores = score_lines(checkpoint.model, checkpoint.vocab, lines, args.batch_size, where)
     print("# line\tlogprob_nats\ttokens\tperplexity")
@@ -175,7 +174,6 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = lambda message, *args, **kwargs: f"tiedlm: warning: {message}\n"
     try:
         args = _build_parser().parse_args(argv)
         COMMANDS[args.command](args)
