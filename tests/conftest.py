@@ -70,7 +70,9 @@ def corpus_dir(tmp_path: Path) -> Path:
 
 
 def write_config(path: Path, corpus: Path, *, mode: str = "exact", tie: bool = True, augmented: bool = True) -> Path:
-    path.write_text(TINY_CONFIG.format(corpus=corpus, mode=mode, tie=str(tie).lower(), augmented=str(augmented).lower()))
+    path.write_text(
+        TINY_CONFIG.format(corpus=corpus, mode=mode, tie=str(tie).lower(), augmented=str(augmented).lower())
+    )
     return path
 
 

@@ -189,7 +189,8 @@ def test_bad_arguments_are_one_line(capsys, trained_run):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tiedlm", "eval", str(tmp_path / "missing")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "tiedlm", "eval", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

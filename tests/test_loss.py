@@ -57,10 +57,12 @@ def test_gradcheck_detached_target(problem):
 def test_trained_target_gradient_matches_autograd_of_definition(problem):
     logits, targets, embedding = problem
     weights = torch.rand(N, dtype=torch.float64)
-    ours = torch.autograd.grad((augmented_kl(logits, targets, embedding, TAU, detach_target=False) * weights).sum(),
-                               (logits, embedding))
-    reference = torch.autograd.grad((brute_force_kl(logits, targets, embedding, TAU) * weights).sum(),
-                                    (logits, embedding))
+    ours = torch.autograd.grad(
+        (augmented_kl(logits, targets, embedding, TAU, detach_target=False) * weights).sum(), (logits, embedding)
+    )
+    reference = torch.autograd.grad(
+        (brute_force_kl(logits, targets, embedding, TAU) * weights).sum(), (logits, embedding)
+    )
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -68,7 +70,8 @@ def test_trained_target_gradient_matches_autograd_of_definition(problem):
 def test_logit_gradient_is_y_hat_minus_y_tilde_over_tau(problem):
     logits, targets, embedding = problem
     grad_logits, grad_embedding = torch.autograd.grad(
-        augmented_kl(logits, targets, embedding, TAU, detach_target=True).sum(), (logits, embedding),
+        augmented_kl(logits, targets, embedding, TAU, detach_target=True).sum(),
+        (logits, embedding),
         allow_unused=True,
     )
     y_hat = torch.softmax(logits / TAU, -1)
@@ -119,7 +122,9 @@ def test_runs_in_float32_under_bfloat16_inputs(problem):
     logits, targets, embedding = problem
     kl = augmented_kl(logits.detach().bfloat16(), targets, embedding.detach().bfloat16(), TAU)
     assert kl.dtype == torch.bfloat16
-    reference = brute_force_kl(logits.detach().bfloat16().double(), targets, embedding.detach().bfloat16().double(), TAU)
+    reference = brute_force_kl(
+        logits.detach().bfloat16().double(), targets, embedding.detach().bfloat16().double(), TAU
+    )
     torch.testing.assert_close(kl.double(), reference, rtol=2e-2, atol=2e-3)
 
 

@@ -31,7 +31,9 @@ def test_training_writes_metrics_checkpoints_and_best(trained_run):
     assert {"train_ppl", "valid_ppl", "train_tokens_per_s", "train_kl", "best_valid_ppl"} <= metrics[0].keys()
     assert [p.name for p in epoch_checkpoints(trained_run)] == ["epoch-0001", "epoch-0002"]
     best = min(metrics, key=lambda m: m["valid_ppl"])["epoch"]
-    torch.testing.assert_close(weights(trained_run / "best"), weights(trained_run / "checkpoints" / f"epoch-{best:04d}"))
+    torch.testing.assert_close(
+        weights(trained_run / "best"), weights(trained_run / "checkpoints" / f"epoch-{best:04d}")
+    )
     final = json.loads((trained_run / "final.json").read_text())
     assert final["valid_ppl"] == pytest.approx(min(m["valid_ppl"] for m in metrics), rel=1e-6)
     assert not list(trained_run.rglob(".*tmp*"))  # no temporary folders left behind
@@ -78,8 +80,28 @@ def test_early_stopping_after_patience(tmp_path, config_file):
 def test_all_four_variants_train(tmp_path, corpus_dir, tie, augmented):
     from conftest import write_config
 
-    config = load_config(write_config(tmp_path / "c.toml", corpus_dir, tie=tie, augmented=augmented),
-                         ["train.max_epochs=1"])
+    config = load_config(
+        write_config(tmp_path / "c.toml", corpus_dir, tie=tie, augmented=augmented), ["train.max_epochs=1"]
+    )
     report = Trainer(config, tmp_path / "run", echo=lambda *a, **k: None).fit()
     assert report["valid_ppl"] < 40
     assert ("train_kl" in read_metrics(tmp_path / "run")[0]) == augmented
+
+
+def test_diverged_training_is_a_clear_error(capsys, tmp_path, config_file):
+    code = main(
+        [
+            "train",
+            str(config_file),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.lr=1e30",
+            "--set",
+            "train.clip=0",
+            "--set",
+            "train.max_epochs=1",
+        ]
+    )
+    assert code == 2
+    assert "training diverged" in capsys.readouterr().err

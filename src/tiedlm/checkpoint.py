@@ -83,8 +83,9 @@ def save_checkpoint(
     save_model(model, str(tmp / MODEL_FILE))
     if trainer_state is not None:
         (tmp / STATE_JSON).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-        save_file({k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()},
-                  str(tmp / STATE_TENSORS))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()}, str(tmp / STATE_TENSORS)
+        )
     for child in tmp.iterdir():
         with open(child, "rb") as handle:
             os.fsync(handle.fileno())
@@ -124,7 +125,9 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     for candidate in candidates:
         if is_checkpoint(candidate):
             return candidate
-    raise TiedlmError(f"checkpoint {path}: not a checkpoint folder (no {MODEL_FILE} and config.json) nor a run with one")
+    raise TiedlmError(
+        f"checkpoint {path}: not a checkpoint folder (no {MODEL_FILE} and config.json) nor a run with one"
+    )
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:

@@ -38,8 +38,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from a TOML config")
     train.add_argument("config", nargs="?", help="TOML config (optional with --resume: the checkpoint's is used)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.max_epochs=3 (repeatable)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_epochs=3 (repeatable)",
+    )
     train.add_argument("--out", help="run folder (default: runs/<config name>)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or from checkpoint folder DIR)")
 
@@ -97,8 +103,10 @@ def _cmd_train(args) -> None:
         trainer = Trainer(config, run_dir)
     report = trainer.fit()
     print(json.dumps(report))
-    print(f"best epoch {report['best_epoch']}: valid perplexity {report['valid_ppl']:.2f}, "
-          f"test perplexity {report['test_ppl']:.2f}  ({run_dir})")
+    print(
+        f"best epoch {report['best_epoch']}: valid perplexity {report['valid_ppl']:.2f}, "
+        f"test perplexity {report['test_ppl']:.2f}  ({run_dir})"
+    )
 
 
 def _cmd_eval(args) -> None:
@@ -110,8 +118,15 @@ def _cmd_eval(args) -> None:
     corpus = load_corpus(args.data or checkpoint.config.data.corpus, vocab=checkpoint.vocab)
     batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
     result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, checkpoint.config.data.bptt)
-    record = {"checkpoint": str(checkpoint.path), "corpus": corpus.name, "split": args.split,
-              "batch_size": batch_size, "tokens": result.tokens, "loss": result.loss, "perplexity": result.perplexity}
+    record = {
+        "checkpoint": str(checkpoint.path),
+        "corpus": corpus.name,
+        "split": args.split,
+        "batch_size": batch_size,
+        "tokens": result.tokens,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+    }
     if args.json:
         print(json.dumps(record))
     else:
@@ -123,8 +138,9 @@ def _cmd_generate(args) -> None:
     from tiedlm.generate import format_words, generate
 
     checkpoint = load_checkpoint(args.checkpoint, _device())
-    words, unknown = generate(checkpoint.model, checkpoint.vocab, args.prompt, args.words, args.temperature,
-                              args.top_k, args.seed)
+    words, unknown = generate(
+        checkpoint.model, checkpoint.vocab, args.prompt, args.words, args.temperature, args.top_k, args.seed
+    )
     if unknown:
         print(f"tiedlm: warning: --prompt: not in the vocabulary, read as <unk>: {' '.join(unknown)}", file=sys.stderr)
     print(format_words(args.prompt.split() + words))

@@ -11,6 +11,11 @@ from tiedlm.data import batchify, bptt_windows, detach_state
 from tiedlm.loss import cross_entropy
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy); inf for a diverged model rather than an overflow."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 @dataclass
 class Evaluation:
     loss: float  # mean cross-entropy per predicted token, in nats
@@ -18,7 +23,7 @@ class Evaluation:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return perplexity(self.loss)
 
 
 @torch.no_grad()

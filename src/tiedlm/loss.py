@@ -29,9 +29,7 @@ from torch import nn
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per (tokens × |V|) block
 
 
-def _groups(
-    targets: torch.Tensor, chunk_rows: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _groups(targets: torch.Tensor, chunk_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (target_ids, token_index, row) blocks that cover every token once.
 
     ``target_ids`` (U,) are distinct targets, ``token_index`` (n,) are tokens
@@ -137,8 +135,9 @@ class AugmentedLoss(nn.Module):
     logits (N, |V|); returns (N,). Reduce it like cross-entropy.
     """
 
-    def __init__(self, tau: float, gamma: float, detach_target: bool = True,
-                 max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    def __init__(
+        self, tau: float, gamma: float, detach_target: bool = True, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    ):
         super().__init__()
         self.tau, self.gamma, self.detach_target = float(tau), float(gamma), detach_target
         self.max_chunk_elements = max_chunk_elements
@@ -148,7 +147,11 @@ class AugmentedLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy, KL) per token, before weighting."""
         kl = augmented_kl(
-            logits, targets, embedding, self.tau, detach_target=self.detach_target,
+            logits,
+            targets,
+            embedding,
+            self.tau,
+            detach_target=self.detach_target,
             max_chunk_elements=self.max_chunk_elements,
         )
         return cross_entropy(logits, targets, bias), kl.float()

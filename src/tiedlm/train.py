@@ -42,7 +42,7 @@ from tiedlm.checkpoint import (
 from tiedlm.config import Config, TrainConfig
 from tiedlm.data import batchify, bptt_windows, detach_state, load_corpus, num_windows
 from tiedlm.errors import TiedlmError
-from tiedlm.evaluate import evaluate
+from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
 
@@ -83,7 +83,10 @@ class Progress:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or None
@@ -96,7 +99,9 @@ def prepare_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise TiedlmError(f"--out {run_dir}: exists and is not a directory")
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-        raise TiedlmError(f"--out {run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out")
+        raise TiedlmError(
+            f"--out {run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -160,11 +165,18 @@ class Trainer:
         if resume is not None:
             checkpoint = load_checkpoint(resume, self.device, prefer="latest")
             if not checkpoint.trainer_state:
-                raise TiedlmError(f"--resume {resume}: {checkpoint.path} has no trainer state (not a training checkpoint)")
+                raise TiedlmError(
+                    f"--resume {resume}: {checkpoint.path} has no trainer state (not a training checkpoint)"
+                )
             _check_resume_config(checkpoint.config, config)
             self.corpus = load_corpus(config.data.corpus, vocab=checkpoint.vocab)
             self.model = checkpoint.model
-            self.progress = Progress(**checkpoint.trainer_state["progress"])
+            try:
+                self.progress = Progress(**checkpoint.trainer_state["progress"])
+            except (KeyError, TypeError):
+                raise TiedlmError(
+                    f"--resume {resume}: {checkpoint.path / 'trainer_state.json'} is incomplete"
+                ) from None
         else:
             self.corpus = load_corpus(config.data.corpus)
             prepare_run_dir(self.run_dir)
@@ -178,9 +190,13 @@ class Trainer:
         loss = config.loss
         self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
         if resume is not None:
-            self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
-            _restore_rng(self.model, checkpoint.trainer_tensors)
+            try:
+                self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
+                _restore_rng(self.model, checkpoint.trainer_tensors)
+            except (KeyError, ValueError, RuntimeError):
+                raise TiedlmError(f"--resume {resume}: the trainer state in {checkpoint.path} is incomplete") from None
             self._truncate_metrics(self.progress.epoch)
+            self._record_resume()
             print(f"resuming {self.run_dir} after epoch {self.progress.epoch} from {checkpoint.path}", file=sys.stderr)
         else:
             self._write_run_info()
@@ -197,6 +213,19 @@ class Trainer:
         }
         write_text_atomic(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
         write_text_atomic(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    def _record_resume(self) -> None:
+        path = self.run_dir / "run.json"
+        info = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        info.setdefault("resumed", []).append(
+            {
+                "after_epoch": self.progress.epoch,
+                "command": sys.argv,
+                "commit": _git_commit(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        write_text_atomic(path, json.dumps(info, indent=2) + "\n")
 
     def _truncate_metrics(self, epoch: int) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -223,8 +252,15 @@ class Trainer:
             windows = min(windows, config.train.max_steps_per_epoch)
         state = model.init_state(config.data.batch_size)
         totals = torch.zeros(3, dtype=torch.float64)  # cross-entropy, KL, tokens
-        bar = tqdm(total=windows * config.data.bptt * config.data.batch_size, desc=f"epoch {epoch}",
-                   unit="tok", unit_scale=True, disable=None, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=windows * config.data.bptt * config.data.batch_size,
+            desc=f"epoch {epoch}",
+            unit="tok",
+            unit_scale=True,
+            disable=None,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for step, (inputs, targets) in enumerate(bptt_windows(source, config.data.bptt)):
             if step == windows:
                 break
@@ -236,11 +272,12 @@ class Trainer:
             if config.train.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
             self.optimizer.step()
-            totals += torch.tensor([ce.sum().item(), 0.0 if kl is None else kl.sum().item(), targets.numel()],
-                                   dtype=torch.float64)
+            totals += torch.tensor(
+                [ce.sum().item(), 0.0 if kl is None else kl.sum().item(), targets.numel()], dtype=torch.float64
+            )
             bar.update(targets.numel())
             if step % 10 == 0:
-                bar.set_postfix(ppl=f"{math.exp(totals[0] / totals[2]):.1f}", refresh=False)
+                bar.set_postfix(ppl=f"{perplexity(totals[0] / totals[2]):.1f}", refresh=False)
         bar.close()
         tokens = totals[2].item()
         return {"ce": totals[0].item() / tokens, "kl": totals[1].item() / tokens, "tokens": tokens}
@@ -253,12 +290,19 @@ class Trainer:
             logits, state = model(inputs, state)
             return cross_entropy(logits.flatten(0, 1), flat_targets), None, state
         logits, state = model(inputs, state, include_bias=False)  # AL needs the bias-free W·h
-        ce, kl = self.augmented.components(logits.flatten(0, 1), flat_targets, model.embedding.weight,
-                                           model.output_bias)
+        ce, kl = self.augmented.components(
+            logits.flatten(0, 1), flat_targets, model.embedding.weight, model.output_bias
+        )
         return ce, kl, state
 
     def save(self, epoch: int, improved: bool) -> None:
-        trainer_state = {"progress": self.progress.to_dict(), "optimizer": self.optimizer.state_dict()}
+        trainer_state = {
+            "progress": self.progress.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            # Checkpoints are written at epoch ends: training continues at the first
+            # window of the next epoch with a zero state.
+            "data_position": {"epoch": epoch + 1, "window": 0},
+        }
         folder = self.run_dir / "checkpoints" / f"epoch-{epoch:04d}"
         save_checkpoint(folder, self.model, self.config, self.corpus.vocab, trainer_state, _rng_tensors(self.model))
         if improved:
@@ -290,7 +334,7 @@ class Trainer:
             record = {
                 "epoch": epoch,
                 "lr": lr,
-                "train_ppl": math.exp(stats["ce"]),
+                "train_ppl": perplexity(stats["ce"]),
                 "valid_ppl": valid.perplexity,
                 "best_valid_ppl": progress.best_valid_ppl,
                 "train_tokens_per_s": stats["tokens"] / train_s,
@@ -303,6 +347,8 @@ class Trainer:
         return self.final_report()
 
     def final_report(self) -> dict[str, Any]:
+        if not (self.run_dir / "best" / MODEL_FILE).is_file():
+            raise TiedlmError(f"{self.run_dir}: no epoch reached a finite validation perplexity (training diverged)")
         load_model(self.model, str(self.run_dir / "best" / MODEL_FILE), device=str(self.device))
         data = self.config.data
         valid = evaluate(self.model, self.corpus.valid, data.eval_batch_size, data.bptt)

@@ -79,7 +79,11 @@ class LSTMLanguageModel(nn.Module):
         """Masks m_0 (inputs) and m_1..m_n (layer outputs), each (rows, H)."""
         return [
             variational_mask(
-                rows, self.config.hidden_size, self.config.dropout, generator=self.mask_generator, device=device,
+                rows,
+                self.config.hidden_size,
+                self.config.dropout,
+                generator=self.mask_generator,
+                device=device,
                 dtype=dtype,
             )
             for _ in range(self.config.num_layers + 1)

@@ -1,0 +1,24 @@
+"""The README's Python examples run as written, and its quick start matches the Makefile."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_quick_start_is_the_two_make_targets():
+    quick_start = README.read_text().split("## Quick start")[1].split("##")[0]
+    commands = [
+        line.split("#")[0].strip() for line in re.findall(r"```sh\n(.*?)```", quick_start, flags=re.S)[0].splitlines()
+    ]
+    assert commands == ["make demo", "make test"]
+    makefile = (README.parent / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, flags=re.M) and re.search(r"^test:", makefile, flags=re.M)
+    assert "make test" in (README.parent / ".ci" / "run").read_text()
