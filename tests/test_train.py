@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiedlm.checkpoint import epoch_checkpoints, load_checkpoint
+from tiedlm.checkpoint import run_checkpoints, load_checkpoint
 from tiedlm.cli import main
 from tiedlm.config import TrainConfig, load_config
 from tiedlm.train import Trainer, learning_rate
@@ -29,7 +29,7 @@ def test_training_writes_metrics_checkpoints_and_best(trained_run):
     assert metrics[1]["lr"] == pytest.approx(0.8)  # decay 0.8 from epoch 2
     assert metrics[1]["valid_ppl"] < metrics[0]["valid_ppl"] < 30  # it learns (vocabulary 32 words)
     assert {"train_ppl", "valid_ppl", "train_tokens_per_s", "train_kl", "best_valid_ppl"} <= metrics[0].keys()
-    assert [p.name for p in epoch_checkpoints(trained_run)] == ["epoch-0001", "epoch-0002"]
+    assert [p.name for p in run_checkpoints(trained_run)] == ["epoch-0001", "epoch-0002"]
     best = min(metrics, key=lambda m: m["valid_ppl"])["epoch"]
     torch.testing.assert_close(
         weights(trained_run / "best"), weights(trained_run / "checkpoints" / f"epoch-{best:04d}")
@@ -72,7 +72,7 @@ def test_early_stopping_after_patience(tmp_path, config_file):
     config = load_config(config_file, ["train.lr=0.0", "train.patience=2", "train.max_epochs=10"])
     report = Trainer(config, tmp_path / "run", echo=lambda *a, **k: None).fit()
     assert report["epochs"] == 3 and report["best_epoch"] == 1 and report["stopped_by"] == "patience"
-    assert len(epoch_checkpoints(tmp_path / "run")) == 2  # only the last two are kept
+    assert len(run_checkpoints(tmp_path / "run")) == 2  # only the last two are kept
 
 
 @pytest.mark.parametrize("tie", [True, False])

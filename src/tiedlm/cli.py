@@ -77,36 +77,47 @@ def _device(name: str = "auto"):
     return resolve_device(name)
 
 
-def _cmd_train(args) -> None:
-    from tiedlm.checkpoint import load_checkpoint, resolve_checkpoint
+def _cmd_train(args) -> int:
+    from tiedlm.checkpoint import MODEL_FILE, load_checkpoint, load_latest_good
     from tiedlm.config import apply_overrides, config_from_dict, load_config
-    from tiedlm.train import Trainer
+    from tiedlm.train import Interrupted, Trainer
 
     if args.config is None and args.resume is None:
         raise TiedlmError("train: give a CONFIG, or --resume DIR")
     if args.resume is not None:
-        source = resolve_checkpoint(args.resume, prefer="latest")
-        run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+        resume = Path(args.resume)
+        if (resume / MODEL_FILE).exists():  # one checkpoint folder, inside RUN/checkpoints/ or RUN/best
+            run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
+        elif resume.is_dir():
+            run_dir = resume
+        else:
+            raise TiedlmError(f"--resume {resume}: no such run or checkpoint folder")
         if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
             raise TiedlmError(f"--out {args.out}: a resumed run continues in its own folder {run_dir}")
         if args.config is not None:
             config = load_config(args.config, args.overrides)
         else:
-            saved = load_checkpoint(source, prefer="latest").config.to_dict()
+            source = load_checkpoint(resume) if resume != run_dir else load_latest_good(run_dir)[0]
+            saved = source.config.to_dict()
             for text in args.overrides:
-                config_from_dict(apply_overrides(saved, [text]), f"--set {text}")
-            config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source}")
-        trainer = Trainer(config, run_dir, resume=source)
+                config_from_dict(apply_overrides(saved, [text]), f"--set {text!r}")
+            config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source.path}")
+        trainer = Trainer(config, run_dir, resume=resume)
     else:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / config.name
         trainer = Trainer(config, run_dir)
-    report = trainer.fit()
+    try:
+        report = trainer.fit()
+    except Interrupted as stop:
+        print(f"tiedlm: {stop}; continue with: tiedlm train --resume {run_dir}", file=sys.stderr)
+        return stop.exit_code
     print(json.dumps(report))
     print(
         f"best epoch {report['best_epoch']}: valid perplexity {report['valid_ppl']:.2f}, "
         f"test perplexity {report['test_ppl']:.2f}  ({run_dir})"
     )
+    return 0
 
 
 def _cmd_eval(args) -> None:
@@ -189,19 +200,22 @@ def _cmd_score(args) -> None:
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "score": _cmd_score}
 
 
+def _one_line(message: str) -> str:
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except TiedlmError as exc:
-        print(f"tiedlm: error: {exc}", file=sys.stderr)
+        print(f"tiedlm: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tiedlm: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    return 0
 
 
 if __name__ == "__main__":

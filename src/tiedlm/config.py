@@ -70,6 +70,7 @@ class TrainConfig:
     max_epochs: int = field(default=40, metadata=_range(1))
     patience: int = field(default=5, metadata=_range(1))  # epochs without a better validation ppl
     max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split
+    nonfinite_patience: int = field(default=5, metadata=_range(1))  # consecutive NaN/inf steps before a rollback
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
 
 
@@ -104,7 +105,7 @@ def _section_classes() -> dict[str, type]:
 def _unknown(where: str, key: str, known: list[str]) -> TiedlmError:
     close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
-    return TiedlmError(f"{where}: unknown key '{key}'{hint}")
+    return TiedlmError(f"{where}: unknown key {key!r}{hint}")
 
 
 def _coerce(where: str, key: str, value: Any, kind: Any, meta: typing.Mapping) -> Any:
@@ -194,7 +195,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     top = typing.get_type_hints(Config)
     for text in overrides:
         path, value_text = parse_override(text)
-        where = f"--set {text}"
+        where = f"--set {text!r}"
         if len(path) == 1 and path[0] in top and path[0] not in sections:
             merged[path[0]] = _parse_value(value_text, top[path[0]])
         elif len(path) == 2 and path[0] in sections:
@@ -232,5 +233,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     raw = read_toml(path)
     raw.setdefault("name", Path(path).stem)
     for text in overrides:  # check each override alone so the error names it
-        config_from_dict(apply_overrides(raw, [text]), f"--set {text}")
+        config_from_dict(apply_overrides(raw, [text]), f"--set {text!r}")
     return config_from_dict(apply_overrides(raw, list(overrides)), f"config {path}")

@@ -6,22 +6,34 @@ averaged over the batch, Σ_t Σ_b J_tb / B, which is what lr = 1 assumes
 (Zaremba et al.); J is cross-entropy, plus γ·τ·KL with the augmented loss.
 
     RUN/
-      run.json             command, commit, torch version, device, start time
+      .lock                one training process at a time per folder
+      run.json             command, commit, torch version, device, start time (and every resume)
       config.json          the resolved config
       metrics.jsonl        one JSON object per epoch
-      checkpoints/epoch-NNNN/   the last two epochs (resume from here)
+      checkpoints/         the last two checkpoints (resume from here)
       best/                the best epoch by validation perplexity
       final.json           valid/test perplexity of best/ when training ends
+
+Faults (see README "Interruptions and faults"): SIGINT/SIGTERM finish the
+current window, write a checkpoint and exit 130/143 (a second signal exits at
+once); a step whose loss or gradient is not finite is skipped, and after
+``train.nonfinite_patience`` of them in a row the last good checkpoint is
+restored with the learning rate halved; ``--resume`` skips damaged
+checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,9 +46,16 @@ from tqdm import tqdm
 
 from tiedlm.checkpoint import (
     MODEL_FILE,
-    epoch_checkpoints,
+    Checkpoint,
+    checkpoint_name,
+    link_checkpoint,
     load_checkpoint,
+    load_latest_good,
+    remove_dir,
+    remove_stale,
+    run_checkpoints,
     save_checkpoint,
+    verify_checkpoint,
     write_text_atomic,
 )
 from tiedlm.config import Config, TrainConfig
@@ -46,7 +65,8 @@ from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
 
-KEEP_EPOCH_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2
+MAX_ROLLBACKS = 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,10 +94,35 @@ class Progress:
     best_valid_ppl: float = math.inf
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one
-    elapsed_s: float = 0.0  # training + validation wall time so far
+    elapsed_s: float = 0.0  # training + validation wall time of completed epochs
+    lr_scale: float = 1.0  # halved at every rollback after non-finite steps
+    rollbacks: int = 0
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class EpochPosition:
+    """Where an interrupted epoch stopped: the next window, the LSTM state and the running sums."""
+
+    window: int = 0
+    state: tuple[torch.Tensor, torch.Tensor] | None = None
+    sums: tuple[float, float, float] = (0.0, 0.0, 0.0)  # cross-entropy, KL, tokens
+    elapsed_s: float = 0.0
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint} written")
+        self.exit_code = 128 + signum
+
+
+class _Rollback(Exception):
+    pass
 
 
 def _git_commit() -> str | None:
@@ -94,21 +139,51 @@ def _git_commit() -> str | None:
         return None
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create a fresh run folder; refuse one that already holds a run, and an unwritable one."""
+def _check_writable(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise TiedlmError(f"--out {run_dir}: exists and is not a directory")
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-        raise TiedlmError(
-            f"--out {run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out"
-        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        probe = run_dir / f".write-test.tmp-{os.getpid()}"
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
         raise TiedlmError(f"--out {run_dir}: not writable ({exc.strerror})") from None
+
+
+def _check_free_space(run_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints a run keeps."""
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = model_bytes * (KEEP_CHECKPOINTS + 2) + (16 << 20)  # + best/ + the one being written
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise TiedlmError(
+            f"--out {run_dir}: only {free / 2**20:.0f} MiB free, checkpoints need about {needed / 2**20:.0f} MiB"
+        )
+
+
+class RunLock:
+    """An exclusive lock on RUN/.lock, held while training; the OS drops it if the process dies."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            owner = self.handle.read().strip() or "?"
+            self.handle.close()
+            raise TiedlmError(f"--out {run_dir}: another tiedlm process (pid {owner}) is training in it") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
 
 
 def _rng_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -125,26 +200,6 @@ def _restore_rng(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-def _link_checkpoint(source: Path, target: Path) -> None:
-    """Make ``target`` a copy of checkpoint ``source`` (hard links: files are never rewritten in place)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for child in source.iterdir():
-        try:
-            os.link(child, tmp / child.name)
-        except OSError:
-            shutil.copy2(child, tmp / child.name)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, target)
-
-
 def _check_resume_config(saved: Config, given: Config) -> None:
     for section in ("data", "model"):
         a, b = getattr(saved, section).__dict__, getattr(given, section).__dict__
@@ -156,50 +211,160 @@ def _check_resume_config(saved: Config, given: Config) -> None:
             )
 
 
+def _say(message: str) -> None:
+    print(f"tiedlm: {message}", file=sys.stderr)
+
+
 class Trainer:
-    """Trains one configuration into one run folder."""
+    """Trains one configuration into one run folder.
+
+    ``resume`` is a run folder (its newest intact checkpoint is used, damaged
+    newer ones are skipped with a note) or one checkpoint folder.
+    """
 
     def __init__(self, config: Config, run_dir: Path, *, resume: Path | None = None, echo=print):
-        self.run_dir, self.echo = Path(run_dir), echo
+        self.run_dir, self.echo, self.config = Path(run_dir), echo, config
         self.device = resolve_device(config.train.device)
+        self.stop_signal: int | None = None
+        self.position = EpochPosition()
+        if resume is None and ((self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists()):
+            raise TiedlmError(
+                f"--out {self.run_dir}: already holds a run; continue it with --resume {self.run_dir} "
+                "or pick another --out"
+            )
+        _check_writable(self.run_dir)
+        self.lock = RunLock(self.run_dir)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: Path | None) -> None:
+        config = self.config
+        for path in remove_stale(self.run_dir):
+            _say(f"removed {path}, left by an interrupted write")
         if resume is not None:
-            checkpoint = load_checkpoint(resume, self.device, prefer="latest")
-            if not checkpoint.trainer_state:
-                raise TiedlmError(
-                    f"--resume {resume}: {checkpoint.path} has no trainer state (not a training checkpoint)"
-                )
+            checkpoint = self._find_resume_checkpoint(Path(resume))
             _check_resume_config(checkpoint.config, config)
             self.corpus = load_corpus(config.data.corpus, vocab=checkpoint.vocab)
             self.model = checkpoint.model
-            try:
-                self.progress = Progress(**checkpoint.trainer_state["progress"])
-            except (KeyError, TypeError):
-                raise TiedlmError(
-                    f"--resume {resume}: {checkpoint.path / 'trainer_state.json'} is incomplete"
-                ) from None
         else:
             self.corpus = load_corpus(config.data.corpus)
-            prepare_run_dir(self.run_dir)
             torch.manual_seed(config.seed)
             self.model = build_model(config.model, len(self.corpus.vocab)).to(self.device)
-            self.progress = Progress()
-        self.config = config
+        _check_free_space(self.run_dir, self.model)
         self.model.mask_generator = torch.Generator(device=self.device)
         self.model.mask_generator.manual_seed(config.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.train.lr)
         loss = config.loss
         self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
         if resume is not None:
-            try:
-                self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
-                _restore_rng(self.model, checkpoint.trainer_tensors)
-            except (KeyError, ValueError, RuntimeError):
-                raise TiedlmError(f"--resume {resume}: the trainer state in {checkpoint.path} is incomplete") from None
+            self._restore(checkpoint)
             self._truncate_metrics(self.progress.epoch)
-            self._record_resume()
-            print(f"resuming {self.run_dir} after epoch {self.progress.epoch} from {checkpoint.path}", file=sys.stderr)
+            self._repair_best()
+            self._record_resume(checkpoint.path)
+            _say(f"resuming {self.run_dir} from {checkpoint.path}")
         else:
+            self.progress = Progress()
             self._write_run_info()
+            self.save_checkpoint()  # epoch-0000: a good state to roll back to from the start
+
+    # --- checkpoints and resume ----------------------------------------------------------------------------
+
+    def _find_resume_checkpoint(self, resume: Path) -> Checkpoint:
+        if (resume / MODEL_FILE).exists():
+            checkpoint = load_checkpoint(resume, self.device)
+        else:
+            checkpoint, skipped = load_latest_good(resume, self.device)
+            for note in skipped:
+                _say(f"skipping a damaged checkpoint: {note}")
+            if skipped:
+                _say(f"falling back to the previous good checkpoint {checkpoint.path}")
+        if not checkpoint.trainer_state:
+            raise TiedlmError(f"--resume {resume}: {checkpoint.path} has no trainer state (not a training checkpoint)")
+        return checkpoint
+
+    def _restore(self, checkpoint: Checkpoint, lr_scale: float | None = None) -> None:
+        """Load the weights, optimizer, counters, RNG and data position of a training checkpoint."""
+        state, tensors = checkpoint.trainer_state, checkpoint.trainer_tensors
+        try:
+            self.progress = Progress(**state["progress"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            _restore_rng(self.model, tensors)
+            window = int(state["data_position"]["window"])
+            partial = state.get("epoch_partial", {})
+            lstm_state = (tensors["state.h"].to(self.device), tensors["state.c"].to(self.device)) if window else None
+            self.position = EpochPosition(
+                window, lstm_state, tuple(partial.get("sums", (0.0, 0.0, 0.0))), partial.get("elapsed_s", 0.0)
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise TiedlmError(f"--resume: the trainer state in {checkpoint.path} is incomplete") from None
+        if lr_scale is not None:
+            self.progress.lr_scale = lr_scale
+        if checkpoint.model is not self.model:
+            self.model.load_state_dict(checkpoint.model.state_dict())
+
+    def _repair_best(self) -> None:
+        """After a crash between writing an epoch and updating best/, point best/ at the right epoch."""
+        best, epoch = self.run_dir / "best", self.progress.best_epoch
+        if epoch == 0:
+            return
+        try:
+            verify_checkpoint(best)
+            if json.loads((best / "trainer_state.json").read_text())["progress"]["epoch"] == epoch:
+                return
+        except (TiedlmError, OSError, ValueError, KeyError):
+            pass
+        source = self.run_dir / "checkpoints" / checkpoint_name(epoch)
+        if source.is_dir():
+            link_checkpoint(source, best)
+            _say(f"restored {best} from {source}")
+        else:
+            _say(f"warning: {best} does not hold epoch {epoch} and that checkpoint is gone")
+
+    def save_checkpoint(self, position: EpochPosition | None = None, improved: bool = False) -> Path:
+        """Write the checkpoint at the current position, update best/, keep the last two."""
+        window = position.window if position else 0
+        trainer_state = {
+            "progress": self.progress.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_position": {"epoch": self.progress.epoch + 1, "window": window},
+        }
+        tensors = _rng_tensors(self.model)
+        if position is not None and window:
+            trainer_state["epoch_partial"] = {"sums": list(position.sums), "elapsed_s": position.elapsed_s}
+            tensors["state.h"], tensors["state.c"] = position.state
+        folder = self.run_dir / "checkpoints" / checkpoint_name(self.progress.epoch, window)
+        save_checkpoint(folder, self.model, self.config, self.corpus.vocab, trainer_state, tensors)
+        if improved:
+            link_checkpoint(folder, self.run_dir / "best")
+        for old in run_checkpoints(self.run_dir)[:-KEEP_CHECKPOINTS]:
+            remove_dir(old)
+        return folder
+
+    def _rollback(self) -> None:
+        if self.progress.rollbacks >= MAX_ROLLBACKS:
+            raise TiedlmError(
+                f"{self.run_dir}: training diverged: still non-finite after {MAX_ROLLBACKS} rollbacks, each halving the learning rate"
+            )
+        lr_scale, rollbacks, skipped = (
+            self.progress.lr_scale / 2,
+            self.progress.rollbacks + 1,
+            self.progress.skipped_steps,
+        )
+        checkpoint, notes = load_latest_good(self.run_dir, self.device)
+        for note in notes:
+            _say(f"skipping a damaged checkpoint: {note}")
+        self._restore(checkpoint, lr_scale=lr_scale)
+        self.progress.rollbacks, self.progress.skipped_steps = rollbacks, skipped
+        self._truncate_metrics(self.progress.epoch)
+        _say(
+            f"{self.config.train.nonfinite_patience} non-finite steps in a row: restored {checkpoint.path} "
+            f"and halved the learning rate (scale {lr_scale:g})"
+        )
+
+    # --- run folder bookkeeping ----------------------------------------------------------------------------
 
     def _write_run_info(self) -> None:
         info = {
@@ -214,12 +379,15 @@ class Trainer:
         write_text_atomic(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
         write_text_atomic(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
 
-    def _record_resume(self) -> None:
+    def _record_resume(self, source: Path) -> None:
         path = self.run_dir / "run.json"
-        info = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = {}
         info.setdefault("resumed", []).append(
             {
-                "after_epoch": self.progress.epoch,
+                "from": str(source),
                 "command": sys.argv,
                 "commit": _git_commit(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -230,8 +398,11 @@ class Trainer:
     def _truncate_metrics(self, epoch: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                    if json.loads(line).get("epoch", 0) <= epoch:
+                        kept.append(line)
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
@@ -242,45 +413,27 @@ class Trainer:
             os.fsync(handle.fileno())
         self.echo(line)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training split; returns its mean cross-entropy, KL and token count."""
-        config, model = self.config, self.model
-        model.train()
-        source = batchify(self.corpus.train, config.data.batch_size).to(self.device)
-        windows = num_windows(source, config.data.bptt)
-        if config.train.max_steps_per_epoch:
-            windows = min(windows, config.train.max_steps_per_epoch)
-        state = model.init_state(config.data.batch_size)
-        totals = torch.zeros(3, dtype=torch.float64)  # cross-entropy, KL, tokens
-        bar = tqdm(
-            total=windows * config.data.bptt * config.data.batch_size,
-            desc=f"epoch {epoch}",
-            unit="tok",
-            unit_scale=True,
-            disable=None,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for step, (inputs, targets) in enumerate(bptt_windows(source, config.data.bptt)):
-            if step == windows:
-                break
-            state = detach_state(state)
-            ce, kl, state = self.window_loss(inputs, targets, state)
-            objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
-            self.optimizer.zero_grad(set_to_none=True)
-            (objective / config.data.batch_size).backward()  # summed over time, averaged over the batch
-            if config.train.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
-            self.optimizer.step()
-            totals += torch.tensor(
-                [ce.sum().item(), 0.0 if kl is None else kl.sum().item(), targets.numel()], dtype=torch.float64
-            )
-            bar.update(targets.numel())
-            if step % 10 == 0:
-                bar.set_postfix(ppl=f"{perplexity(totals[0] / totals[2]):.1f}", refresh=False)
-        bar.close()
-        tokens = totals[2].item()
-        return {"ce": totals[0].item() / tokens, "kl": totals[1].item() / tokens, "tokens": tokens}
+    # --- signals -------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # the second signal: leave now; every write is atomic
+            os._exit(128 + signum)
+        self.stop_signal = signum
+        _say(f"{signal.Signals(signum).name}: finishing this window, then writing a checkpoint (again to quit now)")
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        else:
+            previous = {}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    # --- training ------------------------------------------------------------------------------------------
 
     def window_loss(self, inputs, targets, state):
         """Per-token cross-entropy (and KL with the augmented loss) of one window."""
@@ -295,56 +448,110 @@ class Trainer:
         )
         return ce, kl, state
 
-    def save(self, epoch: int, improved: bool) -> None:
-        trainer_state = {
-            "progress": self.progress.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            # Checkpoints are written at epoch ends: training continues at the first
-            # window of the next epoch with a zero state.
-            "data_position": {"epoch": epoch + 1, "window": 0},
-        }
-        folder = self.run_dir / "checkpoints" / f"epoch-{epoch:04d}"
-        save_checkpoint(folder, self.model, self.config, self.corpus.vocab, trainer_state, _rng_tensors(self.model))
-        if improved:
-            _link_checkpoint(folder, self.run_dir / "best")
-        for old in epoch_checkpoints(self.run_dir)[:-KEEP_EPOCH_CHECKPOINTS]:
-            shutil.rmtree(old)
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training split (from ``self.position`` on); returns mean CE, KL and tokens."""
+        config, model = self.config, self.model
+        model.train()
+        batch_size, bptt = config.data.batch_size, config.data.bptt
+        source = batchify(self.corpus.train, batch_size).to(self.device)
+        windows = num_windows(source, bptt)
+        if config.train.max_steps_per_epoch:
+            windows = min(windows, config.train.max_steps_per_epoch)
+        start = self.position
+        state = start.state if start.state is not None else model.init_state(batch_size)
+        sums = list(start.sums)
+        clip = config.train.clip if config.train.clip > 0 else math.inf
+        bad_in_a_row = 0
+        began = time.perf_counter() - start.elapsed_s
+        bar = tqdm(
+            total=windows * bptt * batch_size, initial=start.window * bptt * batch_size, desc=f"epoch {epoch}",
+            unit="tok", unit_scale=True, disable=None, leave=False, dynamic_ncols=True,
+        )  # fmt: skip
+        for step, (inputs, targets) in enumerate(bptt_windows(source, bptt, start=start.window), start.window):
+            if step == windows:
+                break
+            ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
+            objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            (objective / batch_size).backward()  # summed over time, averaged over the batch
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if math.isfinite(objective.item()) and math.isfinite(grad_norm.item()):
+                self.optimizer.step()
+                state, bad_in_a_row = new_state, 0
+                sums[0] += ce.sum().item()
+                sums[1] += 0.0 if kl is None else kl.sum().item()
+                sums[2] += targets.numel()
+            else:
+                bad_in_a_row += 1
+                self.progress.skipped_steps += 1
+                state = model.init_state(batch_size)  # a non-finite state would poison what follows
+                _say(f"epoch {epoch} window {step}: non-finite loss or gradient, step skipped")
+                if bad_in_a_row >= config.train.nonfinite_patience:
+                    bar.close()
+                    raise _Rollback()
+            bar.update(targets.numel())
+            if step % 10 == 0 and sums[2]:
+                bar.set_postfix(ppl=f"{perplexity(sums[0] / sums[2]):.1f}", refresh=False)
+            if self.stop_signal is not None:
+                bar.close()
+                position = EpochPosition(step + 1, detach_state(state), tuple(sums), time.perf_counter() - began)
+                raise Interrupted(self.stop_signal, self.save_checkpoint(position))
+        bar.close()
+        self.position = EpochPosition()
+        tokens = max(sums[2], 1.0)
+        return {"ce": sums[0] / tokens, "kl": sums[1] / tokens, "tokens": sums[2], "s": time.perf_counter() - began}
 
     def fit(self) -> dict[str, Any]:
         """Train until max_epochs or early stopping, then report best/ on valid and test."""
+        try:
+            with self._signals():
+                while not self._finished():
+                    try:
+                        self._run_epoch()
+                    except _Rollback:
+                        self._rollback()
+                    if self.stop_signal is not None:
+                        raise Interrupted(self.stop_signal, run_checkpoints(self.run_dir)[-1])
+            return self.final_report()
+        finally:
+            self.lock.release()
+
+    def _finished(self) -> bool:
+        train = self.config.train
+        return self.progress.epoch >= train.max_epochs or self.progress.bad_epochs >= train.patience
+
+    def _run_epoch(self) -> None:
         config, progress = self.config, self.progress
-        while progress.epoch < config.train.max_epochs and progress.bad_epochs < config.train.patience:
-            epoch = progress.epoch + 1
-            lr = learning_rate(config.train, epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            start = time.perf_counter()
-            stats = self.train_epoch(epoch)
-            train_s = time.perf_counter() - start
-            valid = evaluate(self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt)
-            epoch_s = time.perf_counter() - start
-            improved = valid.perplexity < progress.best_valid_ppl
-            progress.epoch = epoch
-            progress.elapsed_s += epoch_s
-            if improved:
-                progress.best_valid_ppl, progress.best_epoch, progress.bad_epochs = valid.perplexity, epoch, 0
-            else:
-                progress.bad_epochs += 1
-            self.save(epoch, improved)
-            record = {
-                "epoch": epoch,
-                "lr": lr,
-                "train_ppl": perplexity(stats["ce"]),
-                "valid_ppl": valid.perplexity,
-                "best_valid_ppl": progress.best_valid_ppl,
-                "train_tokens_per_s": stats["tokens"] / train_s,
-                "epoch_s": epoch_s,
-                "elapsed_s": progress.elapsed_s,
-            }
-            if self.augmented is not None:
-                record["train_kl"] = stats["kl"]
-            self._log_metrics(record)
-        return self.final_report()
+        epoch = progress.epoch + 1
+        lr = learning_rate(config.train, epoch) * progress.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = self.train_epoch(epoch)
+        valid_start = time.perf_counter()
+        valid = evaluate(self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt)
+        epoch_s = stats["s"] + time.perf_counter() - valid_start
+        improved = valid.perplexity < progress.best_valid_ppl
+        progress.epoch = epoch
+        progress.elapsed_s += epoch_s
+        if improved:
+            progress.best_valid_ppl, progress.best_epoch, progress.bad_epochs = valid.perplexity, epoch, 0
+        else:
+            progress.bad_epochs += 1
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_ppl": perplexity(stats["ce"]),
+            "valid_ppl": valid.perplexity,
+            "best_valid_ppl": progress.best_valid_ppl,
+            "train_tokens_per_s": stats["tokens"] / stats["s"] if stats["s"] > 0 else 0.0,
+            "epoch_s": epoch_s,
+            "elapsed_s": progress.elapsed_s,
+            "skipped_steps": progress.skipped_steps,
+        }
+        if self.augmented is not None:
+            record["train_kl"] = stats["kl"]
+        self._log_metrics(record)  # before the checkpoint: a resume from epoch-1 drops this line
+        self.save_checkpoint(improved=improved)
 
     def final_report(self) -> dict[str, Any]:
         if not (self.run_dir / "best" / MODEL_FILE).is_file():
