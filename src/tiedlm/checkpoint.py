@@ -260,4 +260,6 @@ def load_latest_good(run_dir: Path, device: str | torch.device = "cpu") -> tuple
             skipped.append(str(exc))
     if skipped:
         raise TiedlmError(f"--resume {run_dir}: no intact checkpoint left ({skipped[0]})")
-    raise TiedlmError(f"--resume {run_dir}: no checkpoints in {run_dir / 'checkpoints'}")
+    raise TiedlmError(
+        f"--resume {run_dir}: no checkpoints in {run_dir / 'checkpoints'} (training never got going: start it again)"
+    )

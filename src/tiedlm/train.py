@@ -211,6 +211,11 @@ def _check_resume_config(saved: Config, given: Config) -> None:
             )
 
 
+def _has_metrics(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and path.stat().st_size > 0
+
+
 def _say(message: str) -> None:
     print(f"tiedlm: {message}", file=sys.stderr)
 
@@ -227,7 +232,7 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.stop_signal: int | None = None
         self.position = EpochPosition()
-        if resume is None and ((self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "checkpoints").exists()):
+        if resume is None and (run_checkpoints(self.run_dir) or _has_metrics(self.run_dir)):
             raise TiedlmError(
                 f"--out {self.run_dir}: already holds a run; continue it with --resume {self.run_dir} "
                 "or pick another --out"
