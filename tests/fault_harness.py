@@ -82,7 +82,9 @@ def train_to_end(config: Path, run: Path) -> list[tuple[int, str]]:
     """Run (or resume) training until it completes; return (exit code, stderr) of each attempt."""
     attempts = []
     for _ in range(5):
-        fresh = not (run / "checkpoints").is_dir() or not any(p.name.startswith("epoch-") for p in (run / "checkpoints").iterdir())
+        fresh = not (run / "checkpoints").is_dir() or not any(
+            p.name.startswith("epoch-") for p in (run / "checkpoints").iterdir()
+        )
         args = ("train", config, "--out", run) if fresh else ("train", "--resume", run)
         code, err = finish(tiedlm(*args))
         attempts.append((code, err))

@@ -149,7 +149,9 @@ def test_not_a_checkpoint_folder(capsys, tmp_path):
 def test_corrupt_weights(capsys, trained_run):
     (trained_run / "best" / "model.safetensors").unlink()
     (trained_run / "best" / "model.safetensors").write_bytes(b"garbage")
-    assert_one_line_error(*run_cli(capsys, "eval", trained_run / "best")[::2], "model.safetensors", "does not match the manifest")
+    assert_one_line_error(
+        *run_cli(capsys, "eval", trained_run / "best")[::2], "model.safetensors", "does not match the manifest"
+    )
 
 
 def test_checkpoint_vocabulary_must_match_data(capsys, tmp_path, trained_run):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiedlm.checkpoint import run_checkpoints, load_checkpoint
+from tiedlm.checkpoint import load_checkpoint, run_checkpoints
 from tiedlm.cli import main
 from tiedlm.config import TrainConfig, load_config
 from tiedlm.train import Trainer, learning_rate

@@ -109,10 +109,16 @@ def _install_dir(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _digest_of(digests: dict[str, str]) -> str:
+    """A digest of the manifest's own entries, so that an edit to the manifest shows as one."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
 def _seal(folder: Path) -> None:
     """Write the manifest of ``folder``'s files and flush everything to disk."""
     files = sorted(p for p in folder.iterdir() if p.name != MANIFEST)
-    manifest = {"sha256": {p.name: _sha256(p) for p in files}}
+    digests = {p.name: _sha256(p) for p in files}
+    manifest = {"sha256": digests, "self": _digest_of(digests)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     for child in folder.iterdir():
         with open(child, "rb") as handle:
@@ -164,12 +170,16 @@ def verify_checkpoint(path: Path) -> None:
     """Check every file against the manifest; the error names the first bad file."""
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))["sha256"]
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest, own = raw["sha256"], raw["self"]
+        intact = isinstance(manifest, dict) and own == _digest_of(manifest)
     except FileNotFoundError:
         raise TiedlmError(f"checkpoint {manifest_path}: missing (the checkpoint is incomplete)") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise TiedlmError(f"checkpoint {manifest_path}: unreadable or altered") from None
-    if not isinstance(manifest, dict) or MODEL_FILE not in manifest:
+        intact = False
+    if not intact:
+        raise TiedlmError(f"checkpoint {manifest_path}: unreadable or altered")
+    if MODEL_FILE not in manifest:
         raise TiedlmError(f"checkpoint {manifest_path}: does not list {MODEL_FILE}")
     for name, expected in manifest.items():
         file = path / str(name)

@@ -351,7 +351,8 @@ class Trainer:
     def _rollback(self) -> None:
         if self.progress.rollbacks >= MAX_ROLLBACKS:
             raise TiedlmError(
-                f"{self.run_dir}: training diverged: still non-finite after {MAX_ROLLBACKS} rollbacks, each halving the learning rate"
+                f"{self.run_dir}: training diverged: still non-finite after {MAX_ROLLBACKS} rollbacks "
+                "(each halved the learning rate)"
             )
         lr_scale, rollbacks, skipped = (
             self.progress.lr_scale / 2,
