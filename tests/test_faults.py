@@ -246,3 +246,15 @@ def test_same_seed_same_losses(tmp_path, config_file):
     Trainer(other, tmp_path / "c", echo=lambda *a: None).fit()
     c = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert c[0]["train_ppl"] != a[0]["train_ppl"]
+
+
+def test_signal_during_set_up_stops_at_the_first_checkpoint(tmp_path, config_file):
+    import os
+
+    trainer = Trainer(load_config(config_file), tmp_path / "run", echo=lambda *a: None)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: the trainer's handler is already installed
+    with pytest.raises(train_module.Interrupted) as info:
+        trainer.fit()
+    assert info.value.exit_code == 143
+    assert [p.name for p in run_checkpoints(tmp_path / "run")] == ["epoch-0000"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back

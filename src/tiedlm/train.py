@@ -239,10 +239,11 @@ class Trainer:
             )
         _check_writable(self.run_dir)
         self.lock = RunLock(self.run_dir)
+        self._previous_handlers = self._install_signal_handlers()  # before anything is written
         try:
             self._setup(resume)
         except BaseException:
-            self.lock.release()
+            self._release()
             raise
 
     def _setup(self, resume: Path | None) -> None:
@@ -427,17 +428,17 @@ class Trainer:
         self.stop_signal = signum
         _say(f"{signal.Signals(signum).name}: finishing this window, then writing a checkpoint (again to quit now)")
 
-    @contextlib.contextmanager
-    def _signals(self):
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        else:
-            previous = {}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+            return {}
+        return {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _release(self) -> None:
+        """Give back the signal handlers and the run lock."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+        self.lock.release()
 
     # --- training ------------------------------------------------------------------------------------------
 
@@ -510,17 +511,16 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until max_epochs or early stopping, then report best/ on valid and test."""
         try:
-            with self._signals():
-                while not self._finished():
-                    try:
-                        self._run_epoch()
-                    except _Rollback:
-                        self._rollback()
-                    if self.stop_signal is not None:
-                        raise Interrupted(self.stop_signal, run_checkpoints(self.run_dir)[-1])
+            while not self._finished():
+                if self.stop_signal is not None:  # arrived during set-up, validation or a checkpoint write
+                    raise Interrupted(self.stop_signal, run_checkpoints(self.run_dir)[-1])
+                try:
+                    self._run_epoch()
+                except _Rollback:
+                    self._rollback()
             return self.final_report()
         finally:
-            self.lock.release()
+            self._release()
 
     def _finished(self) -> bool:
         train = self.config.train
