@@ -15,11 +15,11 @@ import torch
 
 from tiedlm.checkpoint import load_checkpoint
 from tiedlm.config import load_config
-from tiedlm.train import Trainer
+from tiedlm.train import Trainer, TrainingStep
 
 
 def inject(calls: set[int], value: float):
-    original = Trainer.window_loss
+    original = TrainingStep.window_loss
     count = [0]
 
     def window_loss(self, *args):
@@ -32,13 +32,13 @@ def inject(calls: set[int], value: float):
 
 def scenario(config_path: Path, run: Path, calls: set[int], value: float, patience: int) -> dict:
     config = load_config(config_path, [f"train.nonfinite_patience={patience}"])
-    Trainer.window_loss, original = inject(calls, value), Trainer.window_loss
+    TrainingStep.window_loss, original = inject(calls, value), TrainingStep.window_loss
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             report = Trainer(config, run).fit()
     finally:
-        Trainer.window_loss = original
+        TrainingStep.window_loss = original
     log = err.getvalue()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     finite = all(torch.isfinite(p).all() for p in load_checkpoint(run).model.parameters())

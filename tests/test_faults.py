@@ -24,7 +24,7 @@ from tiedlm.checkpoint import load_checkpoint, run_checkpoints
 from tiedlm.cli import main
 from tiedlm.config import load_config
 from tiedlm.errors import TiedlmError
-from tiedlm.train import RunLock, Trainer
+from tiedlm.train import RunLock, Trainer, TrainingStep
 
 
 @pytest.fixture(scope="module")
@@ -97,25 +97,25 @@ def test_second_sigint_exits_at_once_without_damage(tmp_path, reference):
     assert_same_result(run, reference)
 
 
-def _stop_at(monkeypatch, trainer_calls: set[int], signum=signal.SIGINT):
-    """Make the trainer see a signal after the given window_loss calls (counted from 1)."""
-    original = Trainer.window_loss
+def _stop_at(monkeypatch, trainer: Trainer, calls: set[int], signum=signal.SIGINT):
+    """Make ``trainer`` see a signal during the given window_loss calls (counted from 1)."""
+    original = TrainingStep.window_loss
     count = [0]
 
     def window_loss(self, *args):
         count[0] += 1
-        if count[0] in trainer_calls:
-            self.stop_signal = signum
+        if count[0] in calls:
+            trainer.stop_signal = signum
         return original(self, *args)
 
-    monkeypatch.setattr(Trainer, "window_loss", window_loss)
+    monkeypatch.setattr(TrainingStep, "window_loss", window_loss)
 
 
 def test_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, config_file, monkeypatch):
     straight = Trainer(load_config(config_file), tmp_path / "straight", echo=lambda *a: None)
     straight.fit()
-    _stop_at(monkeypatch, {90})  # epoch 1 has 74 windows: call 90 is window 15 of epoch 2
     stopped = Trainer(load_config(config_file), tmp_path / "split", echo=lambda *a: None)
+    _stop_at(monkeypatch, stopped, {90})  # epoch 1 has 74 windows: call 90 is window 15 of epoch 2
     with pytest.raises(train_module.Interrupted) as info:
         stopped.fit()
     assert info.value.exit_code == 130
@@ -170,7 +170,7 @@ def test_resume_with_every_checkpoint_damaged_is_an_error(capsys, tmp_path, trai
 
 
 def _inject_nan(monkeypatch, calls: set[int]):
-    original = Trainer.window_loss
+    original = TrainingStep.window_loss
     count = [0]
 
     def window_loss(self, *args):
@@ -178,7 +178,7 @@ def _inject_nan(monkeypatch, calls: set[int]):
         ce, kl, state = original(self, *args)
         return (ce * float("nan"), kl, state) if count[0] in calls else (ce, kl, state)
 
-    monkeypatch.setattr(Trainer, "window_loss", window_loss)
+    monkeypatch.setattr(TrainingStep, "window_loss", window_loss)
 
 
 def test_a_nan_step_is_skipped_and_logged(tmp_path, config_file, monkeypatch, capsys):

@@ -128,7 +128,8 @@ def _cmd_eval(args) -> None:
     checkpoint = load_checkpoint(args.checkpoint, _device())
     corpus = load_corpus(args.data or checkpoint.config.data.corpus, vocab=checkpoint.vocab)
     batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
-    result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, checkpoint.config.data.bptt)
+    config = checkpoint.config
+    result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, config.train.precision)
     record = {
         "checkpoint": str(checkpoint.path),
         "corpus": corpus.name,

@@ -72,6 +72,7 @@ class TrainConfig:
     max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split
     nonfinite_patience: int = field(default=5, metadata=_range(1))  # consecutive NaN/inf steps before a rollback
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    precision: str = field(default="fp32", metadata=_choice("fp32", "bf16"))  # bf16 = autocast matmuls
 
 
 @dataclass

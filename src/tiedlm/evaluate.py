@@ -9,6 +9,7 @@ import torch
 
 from tiedlm.data import batchify, bptt_windows, detach_state
 from tiedlm.loss import cross_entropy
+from tiedlm.precision import autocast
 
 
 def perplexity(loss: float) -> float:
@@ -27,7 +28,9 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, bptt: int) -> Evaluation:
+def evaluate(
+    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, bptt: int, precision: str = "fp32"
+) -> Evaluation:
     """Perplexity of ``model`` on the token stream ``ids`` (carried state, no dropout).
 
     The stream is batchified like training data, so the last ``len % batch_size``
@@ -40,7 +43,8 @@ def evaluate(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, bptt: i
     state = model.init_state(batch_size)
     total, count = 0.0, 0
     for inputs, targets in bptt_windows(source, bptt):
-        logits, state = model(inputs, state)
+        with autocast(device, precision):
+            logits, state = model(inputs, state)
         state = detach_state(state)
         total += cross_entropy(logits.flatten(0, 1), targets.flatten()).sum().item()
         count += targets.numel()

@@ -64,6 +64,7 @@ from tiedlm.errors import TiedlmError
 from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
+from tiedlm.precision import autocast
 
 KEEP_CHECKPOINTS = 2
 MAX_ROLLBACKS = 8
@@ -220,6 +221,57 @@ def _say(message: str) -> None:
     print(f"tiedlm: {message}", file=sys.stderr)
 
 
+@dataclass
+class StepResult:
+    ce: float  # summed cross-entropy of the window's tokens
+    kl: float  # summed KL (0 without the augmented loss)
+    tokens: int
+    state: tuple[torch.Tensor, torch.Tensor]
+    finite: bool  # False: the loss or gradient was NaN/inf and no update was made
+
+
+class TrainingStep:
+    """One optimisation step on one BPTT window: forward, loss, backward, clipping, SGD update.
+
+    The objective is Σ_t Σ_b J_tb / B (summed over time, averaged over the batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config):
+        self.model, self.optimizer = model, optimizer
+        loss = config.loss
+        self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
+        self.batch_size = config.data.batch_size
+        self.clip = config.train.clip if config.train.clip > 0 else math.inf
+        self.precision = config.train.precision
+
+    def window_loss(self, inputs, targets, state):
+        """Per-token cross-entropy (and KL with the augmented loss) of one window."""
+        model = self.model
+        flat_targets = targets.flatten()
+        with autocast(inputs.device, self.precision):
+            if self.augmented is None:
+                logits, state = model(inputs, state)
+                return cross_entropy(logits.flatten(0, 1), flat_targets), None, state
+            logits, state = model(inputs, state, include_bias=False)  # AL needs the bias-free W·h
+            ce, kl = self.augmented.components(
+                logits.flatten(0, 1), flat_targets, model.embedding.weight, model.output_bias
+            )
+        return ce, kl, state
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state) -> StepResult:
+        ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
+        objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        (objective / self.batch_size).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        kl_sum = objective.new_zeros(()) if kl is None else kl.sum()
+        ce_sum, kl_sum, total, norm = torch.stack([ce.sum(), kl_sum, objective, grad_norm]).tolist()  # one sync
+        finite = math.isfinite(total) and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+        return StepResult(ce_sum, kl_sum, targets.numel(), new_state, finite)
+
+
 class Trainer:
     """Trains one configuration into one run folder.
 
@@ -263,8 +315,7 @@ class Trainer:
         self.model.mask_generator = torch.Generator(device=self.device)
         self.model.mask_generator.manual_seed(config.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.train.lr)
-        loss = config.loss
-        self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
+        self.step = TrainingStep(self.model, self.optimizer, config)
         if resume is not None:
             self._restore(checkpoint)
             self._truncate_metrics(self.progress.epoch)
@@ -442,19 +493,6 @@ class Trainer:
 
     # --- training ------------------------------------------------------------------------------------------
 
-    def window_loss(self, inputs, targets, state):
-        """Per-token cross-entropy (and KL with the augmented loss) of one window."""
-        model = self.model
-        flat_targets = targets.flatten()
-        if self.augmented is None:
-            logits, state = model(inputs, state)
-            return cross_entropy(logits.flatten(0, 1), flat_targets), None, state
-        logits, state = model(inputs, state, include_bias=False)  # AL needs the bias-free W·h
-        ce, kl = self.augmented.components(
-            logits.flatten(0, 1), flat_targets, model.embedding.weight, model.output_bias
-        )
-        return ce, kl, state
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split (from ``self.position`` on); returns mean CE, KL and tokens."""
         config, model = self.config, self.model
@@ -467,7 +505,6 @@ class Trainer:
         start = self.position
         state = start.state if start.state is not None else model.init_state(batch_size)
         sums = list(start.sums)
-        clip = config.train.clip if config.train.clip > 0 else math.inf
         bad_in_a_row = 0
         began = time.perf_counter() - start.elapsed_s
         bar = tqdm(
@@ -477,17 +514,12 @@ class Trainer:
         for step, (inputs, targets) in enumerate(bptt_windows(source, bptt, start=start.window), start.window):
             if step == windows:
                 break
-            ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
-            objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
-            self.optimizer.zero_grad(set_to_none=True)
-            (objective / batch_size).backward()  # summed over time, averaged over the batch
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if math.isfinite(objective.item()) and math.isfinite(grad_norm.item()):
-                self.optimizer.step()
-                state, bad_in_a_row = new_state, 0
-                sums[0] += ce.sum().item()
-                sums[1] += 0.0 if kl is None else kl.sum().item()
-                sums[2] += targets.numel()
+            result = self.step(inputs, targets, state)
+            if result.finite:
+                state, bad_in_a_row = result.state, 0
+                sums[0] += result.ce
+                sums[1] += result.kl
+                sums[2] += result.tokens
             else:
                 bad_in_a_row += 1
                 self.progress.skipped_steps += 1
@@ -534,7 +566,9 @@ class Trainer:
             group["lr"] = lr
         stats = self.train_epoch(epoch)
         valid_start = time.perf_counter()
-        valid = evaluate(self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt)
+        valid = evaluate(
+            self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt, config.train.precision
+        )
         epoch_s = stats["s"] + time.perf_counter() - valid_start
         improved = valid.perplexity < progress.best_valid_ppl
         progress.epoch = epoch
@@ -554,7 +588,7 @@ class Trainer:
             "elapsed_s": progress.elapsed_s,
             "skipped_steps": progress.skipped_steps,
         }
-        if self.augmented is not None:
+        if self.step.augmented is not None:
             record["train_kl"] = stats["kl"]
         self._log_metrics(record)  # before the checkpoint: a resume from epoch-1 drops this line
         self.save_checkpoint(improved=improved)
@@ -564,8 +598,9 @@ class Trainer:
             raise TiedlmError(f"{self.run_dir}: no epoch reached a finite validation perplexity (training diverged)")
         load_model(self.model, str(self.run_dir / "best" / MODEL_FILE), device=str(self.device))
         data = self.config.data
-        valid = evaluate(self.model, self.corpus.valid, data.eval_batch_size, data.bptt)
-        test = evaluate(self.model, self.corpus.test, data.eval_batch_size, data.bptt)
+        precision = self.config.train.precision
+        valid = evaluate(self.model, self.corpus.valid, data.eval_batch_size, data.bptt, precision)
+        test = evaluate(self.model, self.corpus.test, data.eval_batch_size, data.bptt, precision)
         stopped = "patience" if self.progress.bad_epochs >= self.config.train.patience else "max_epochs"
         report = {
             "event": "final",
