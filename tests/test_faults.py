@@ -251,10 +251,28 @@ def test_same_seed_same_losses(tmp_path, config_file):
 def test_signal_during_set_up_stops_at_the_first_checkpoint(tmp_path, config_file):
     import os
 
+    previous = signal.getsignal(signal.SIGTERM)
     trainer = Trainer(load_config(config_file), tmp_path / "run", echo=lambda *a: None)
     os.kill(os.getpid(), signal.SIGTERM)  # handled: the trainer's handler is already installed
     with pytest.raises(train_module.Interrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 143
     assert [p.name for p in run_checkpoints(tmp_path / "run")] == ["epoch-0000"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers given back
+
+
+def test_sigterm_outside_training_exits_143(monkeypatch, trained_run):
+    import os
+
+    from tiedlm import cli
+
+    def terminated_eval(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. while evaluating: no trainer handler here
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", terminated_eval)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", str(trained_run)])
+    assert info.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -149,3 +149,38 @@ def test_training_mode_draws_fresh_masks_per_window():
     b, _ = model(tokens, model.init_state(B))
     assert not torch.equal(a, b)
     assert isinstance(model, LSTMLanguageModel)
+
+
+def test_masked_recurrence_gradcheck():
+    from tiedlm.models.lstm import MaskedRecurrence
+
+    generator = torch.Generator().manual_seed(0)
+    steps, batch, size = 4, 3, 5
+    inputs = [
+        torch.randn(steps, batch, 4 * size, dtype=torch.float64, generator=generator, requires_grad=True),
+        torch.randn(batch, size, dtype=torch.float64, generator=generator, requires_grad=True),
+        torch.randn(batch, size, dtype=torch.float64, generator=generator, requires_grad=True),
+        torch.randn(4 * size, size, dtype=torch.float64, generator=generator, requires_grad=True),
+    ]
+    mask = (torch.rand(batch, size, generator=generator) > 0.5).double() * 2
+    assert torch.autograd.gradcheck(lambda *a: MaskedRecurrence.apply(*a, mask), inputs)
+
+
+def test_masked_recurrence_matches_the_lstm_equations():
+    from tiedlm.models.lstm import MaskedRecurrence
+
+    generator = torch.Generator().manual_seed(1)
+    steps, batch, size = 6, 2, 4
+    gates_x = torch.randn(steps, batch, 4 * size, dtype=torch.float64, generator=generator)
+    weight = torch.randn(4 * size, size, dtype=torch.float64, generator=generator)
+    mask = (torch.rand(batch, size, generator=generator) > 0.5).double() * 2
+    h = c = torch.zeros(batch, size, dtype=torch.float64)
+    expected = []
+    for t in range(steps):  # SPEC §1 / PyTorch's LSTM, written out
+        i, f, g, o = (gates_x[t] + (h * mask) @ weight.t()).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        expected.append(h)
+    outputs, h_last, c_last = MaskedRecurrence.apply(gates_x, torch.zeros_like(h), torch.zeros_like(c), weight, mask)
+    torch.testing.assert_close(outputs, torch.stack(expected))
+    torch.testing.assert_close((h_last, c_last), (h, c))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument("checkpoint")
     score.add_argument("file", help="text file, or - for standard input")
     score.add_argument("--batch-size", type=_positive_int, default=32)
+    bench = commands.add_parser("bench", help="training/evaluation speed of a config vs a naive reference")
+    bench.add_argument("config")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--windows", type=_positive_int, default=20, help="timed BPTT windows (median is reported)")
+    bench.add_argument("--warmup", type=_positive_int, default=3)
+    bench.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -198,14 +206,30 @@ def _cmd_score(args) -> None:
     print(f"total\t{logprob:.4f}\t{tokens}\t{math.exp(-logprob / tokens):.2f}")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "score": _cmd_score}
+def _cmd_bench(args) -> None:
+    from tiedlm.bench import bench, format_report
+    from tiedlm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    report = bench(config, args.windows, args.warmup, reference=not args.no_reference)
+    print(json.dumps(report) if args.json else format_report(report))
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "score": _cmd_score, "bench": _cmd_bench}
 
 
 def _one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # every write is atomic: leaving anywhere is safe
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM ends any command cleanly with 143; while training, the trainer's own handler
+    # takes over (finish the window, write a checkpoint) and gives this one back after.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = _build_parser().parse_args(argv)
         return COMMANDS[args.command](args) or 0
@@ -217,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

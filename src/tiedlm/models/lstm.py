@@ -122,17 +122,76 @@ def _fused_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.T
 
 def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.Tensor):
     """One layer with a per-sequence recurrent mask (B, H) applied to h_{t-1} at every step."""
-    h, c = hx[0][0], hx[1][0]  # (B, H)
     steps, batch, _ = x.shape
     bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
     # The input projection of all time steps in one matrix product.
     gates_x = torch.addmm(bias, x.reshape(steps * batch, -1), lstm.weight_ih_l0.t()).view(steps, batch, -1)
-    weight_hh_t = lstm.weight_hh_l0.t()
-    outputs = []
-    for t in range(steps):
-        gates = torch.addmm(gates_x[t], h * mask, weight_hh_t)  # (B, 4H), PyTorch order i, f, g, o
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outputs.append(h)
-    return torch.stack(outputs), (h.unsqueeze(0), c.unsqueeze(0))
+    weight_hh = lstm.weight_hh_l0
+    if torch.is_autocast_enabled(x.device.type):  # the recurrence runs in the autocast dtype, states in fp32
+        dtype = torch.get_autocast_dtype(x.device.type)
+        gates_x, weight_hh = gates_x.to(dtype), weight_hh.to(dtype)
+        mask = mask.to(dtype)
+    h0, c0 = hx[0][0].to(gates_x.dtype), hx[1][0].to(gates_x.dtype)
+    outputs, h, c = MaskedRecurrence.apply(gates_x, h0, c0, weight_hh, mask)
+    return outputs, (h.unsqueeze(0).to(hx[0].dtype), c.unsqueeze(0).to(hx[1].dtype))
+
+
+class MaskedRecurrence(torch.autograd.Function):
+    """The LSTM recurrence with a fixed mask on h_{t-1}, with a hand-written BPTT backward.
+
+    Inputs: gates_x (T, B, 4H) = x_t·W_ihᵀ + b for all steps, h0 and c0 (B, H),
+    W_hh (4H, H) and the mask (B, H) or (1, H). Per step t (gate order i, f, g, o):
+
+        a = gates_x[t] + (h_{t-1} ⊙ m)·W_hhᵀ
+        c_t = σ(a_f) ⊙ c_{t-1} + σ(a_i) ⊙ tanh(a_g)
+        h_t = σ(a_o) ⊙ tanh(c_t)
+
+    One autograd node for the whole window instead of ~10 per step: the
+    backward pass is one (B, 4H)·(4H, H) product per step plus one product for
+    the whole W_hh gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_x, h0, c0, weight_hh, mask):
+        steps, batch, four_h = gates_x.shape
+        size = four_h // 4
+        acts = torch.empty_like(gates_x)  # activated gates σ(i), σ(f), tanh(g), σ(o)
+        cells = gates_x.new_empty(steps, batch, size)
+        outputs = gates_x.new_empty(steps, batch, size)
+        h, c = h0, c0
+        weight_t = weight_hh.t()
+        for t in range(steps):
+            a = torch.addmm(gates_x[t], h * mask, weight_t, out=acts[t])
+            a[:, : 2 * size].sigmoid_()
+            a[:, 2 * size : 3 * size].tanh_()
+            a[:, 3 * size :].sigmoid_()
+            i, f, g, o = a.chunk(4, 1)
+            c = torch.addcmul(f * c, i, g, out=cells[t])
+            h = torch.mul(o, torch.tanh(c), out=outputs[t])
+        ctx.save_for_backward(acts, cells, outputs, h0, c0, weight_hh, mask)
+        return outputs, h.clone(), c.clone()
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_h, grad_c):
+        acts, cells, outputs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        steps, batch, four_h = acts.shape
+        d_gates = torch.empty_like(acts)
+        dh = grad_h.clone() if grad_h is not None else h0.new_zeros(h0.shape)
+        dc = grad_c.clone() if grad_c is not None else c0.new_zeros(c0.shape)
+        for t in range(steps - 1, -1, -1):
+            if grad_outputs is not None:
+                dh += grad_outputs[t]
+            i, f, g, o = acts[t].chunk(4, 1)
+            tanh_c = torch.tanh(cells[t])
+            c_prev = cells[t - 1] if t else c0
+            dc += dh * o * (1 - tanh_c * tanh_c)
+            d_i, d_f, d_g, d_o = d_gates[t].chunk(4, 1)
+            torch.mul(dc * g, i * (1 - i), out=d_i)
+            torch.mul(dc * c_prev, f * (1 - f), out=d_f)
+            torch.mul(dc * i, 1 - g * g, out=d_g)
+            torch.mul(dh * tanh_c, o * (1 - o), out=d_o)
+            dc = dc * f
+            dh = torch.mm(d_gates[t], weight_hh) * mask
+        h_prev = torch.cat([h0.unsqueeze(0), outputs[:-1]]) * mask  # (T, B, H): what W_hh multiplied
+        grad_weight = d_gates.flatten(0, 1).t() @ h_prev.flatten(0, 1)
+        return d_gates, dh, dc, grad_weight, None

@@ -1,0 +1,226 @@
+"""`tiedlm bench`: how fast a configuration trains and evaluates, against the hardware's
+measured matmul peak and against a naive reference of the same model.
+
+The naive reference is what a user would write from the paper: ``nn.LSTM`` +
+``nn.Linear`` + ``F.cross_entropy`` in fp32, plain (not variational) dropout,
+and the augmented loss taken straight from its definition over the whole
+(tokens × |V|) matrix. Both run on the same batches in the same process.
+Timings are per BPTT window after a warm-up; the reported rate is the median.
+
+FLOPs count the matrix products only (they dominate): per token, forward
+2·(4H)(2H) per LSTM layer + 2H|V| for the decoder (+ 2H|V| per unique target
+for ỹ, computed again in the backward pass), and backward = 2 × forward for
+the LSTM and decoder.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiedlm.config import Config
+from tiedlm.data import batchify, bptt_windows, load_corpus
+from tiedlm.evaluate import evaluate
+from tiedlm.models import build_model
+from tiedlm.train import TrainingStep, resolve_device
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 6) -> float:
+    """The best GFLOP/s of repeated size×size matrix products in ``dtype``."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = 0.0
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: float) -> float:
+    """Matrix-product FLOPs of one training token (forward + backward), see the module docstring."""
+    h, v = config.model.hidden_size, vocab_size
+    forward = config.model.num_layers * 2 * (4 * h) * (2 * h) + 2 * h * v
+    total = 3 * forward
+    if config.loss.augmented:
+        target_side = unique_fraction * 2 * h * v
+        total += 2 * target_side  # forward, and recomputed in the backward pass
+        if not config.loss.detach_target:
+            total += 2 * target_side  # gradient into L through ỹ
+    return total
+
+
+class NaiveReference(nn.Module):
+    """The same LM written the obvious way: nn.LSTM, plain dropout, nn.Linear."""
+
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        size, layers, p = config.model.hidden_size, config.model.num_layers, config.model.dropout
+        self.embedding = nn.Embedding(vocab_size, size)
+        self.lstm = nn.LSTM(size, size, layers, dropout=p if layers > 1 else 0.0)
+        self.drop = nn.Dropout(p)
+        self.decoder = nn.Linear(size, vocab_size, bias=not config.model.tie_weights)
+        if config.model.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -config.model.init_range, config.model.init_range)
+
+    def forward(self, tokens, state):
+        output, state = self.lstm(self.drop(self.embedding(tokens)), state)
+        return F.linear(self.drop(output), self.decoder.weight), state  # bias-free; added in the loss
+
+
+def naive_step(model: NaiveReference, optimizer, config: Config, inputs, targets, state):
+    """One training step of the reference, the augmented loss from its definition."""
+    state = tuple(s.detach() for s in state)
+    logits, state = model(inputs, state)
+    logits, flat = logits.flatten(0, 1), targets.flatten()
+    bias = model.decoder.bias
+    loss = F.cross_entropy(logits if bias is None else logits + bias, flat, reduction="sum")
+    if config.loss.augmented:
+        tau, embedding = config.loss.tau, model.embedding.weight
+        target_scores = embedding[flat] @ embedding.t() / tau
+        if config.loss.detach_target:
+            target_scores = target_scores.detach()
+        log_y_tilde = F.log_softmax(target_scores, dim=-1)
+        log_y_hat = F.log_softmax(logits / tau, dim=-1)
+        kl = (log_y_tilde.exp() * (log_y_tilde - log_y_hat)).sum()
+        loss = loss + config.loss.gamma * tau * kl
+    optimizer.zero_grad(set_to_none=True)
+    (loss / config.data.batch_size).backward()
+    if config.train.clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
+    optimizer.step()
+    loss.item()
+    return state
+
+
+@dataclass
+class Timing:
+    tokens_per_s: float
+    window_s: list[float]
+
+
+def _time_windows(run_window, batches, warmup: int, device: torch.device) -> Timing:
+    seconds, tokens = [], batches[0][1].numel()
+    for index, (inputs, targets) in enumerate(batches):
+        _sync(device)
+        start = time.perf_counter()
+        run_window(inputs, targets)
+        _sync(device)
+        if index >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return Timing(tokens / statistics.median(seconds), seconds)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = True) -> dict:
+    """Measure training/evaluation speed of ``config`` (and of the naive reference); return a JSON-able dict."""
+    device = resolve_device(config.train.device)
+    corpus = load_corpus(config.data.corpus)
+    vocab_size = len(corpus.vocab)
+    source = batchify(corpus.train, config.data.batch_size).to(device)
+    batches = [b for _, b in zip(range(warmup + windows), bptt_windows(source, config.data.bptt), strict=False)]
+    unique_fraction = statistics.mean(t.unique().numel() / t.numel() for _, t in batches)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, vocab_size).to(device).train()
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=config.train.lr), config)
+    state = [model.init_state(config.data.batch_size)]
+
+    def train_window(inputs, targets):
+        state[0] = step(inputs, targets, state[0]).state
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train = _time_windows(train_window, batches, warmup, device)
+    peak_memory = _peak_memory_mb(device)
+
+    eval_tokens = min(corpus.valid.numel(), (warmup + windows) * config.data.bptt * config.data.eval_batch_size)
+    eval_ids = corpus.valid[: eval_tokens + 1]
+    evaluate(model, eval_ids[: config.data.bptt * config.data.eval_batch_size * warmup + 1],
+             config.data.eval_batch_size, config.data.bptt, config.train.precision)  # fmt: skip
+    _sync(device)
+    start = time.perf_counter()
+    result = evaluate(model, eval_ids, config.data.eval_batch_size, config.data.bptt, config.train.precision)
+    _sync(device)
+    eval_rate = result.tokens / (time.perf_counter() - start)
+
+    flops = training_flops_per_token(config, vocab_size, unique_fraction)
+    peaks = {
+        "fp32": matmul_peak_gflops(torch.float32, device),
+        "bf16": matmul_peak_gflops(torch.bfloat16, device),
+    }
+    achieved = flops * train.tokens_per_s / 1e9
+    report = {
+        "config": config.name,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "precision": config.train.precision,
+        "dropout_mode": config.model.dropout_mode,
+        "augmented": config.loss.augmented,
+        "hidden_size": config.model.hidden_size,
+        "vocab_size": vocab_size,
+        "batch_size": config.data.batch_size,
+        "bptt": config.data.bptt,
+        "timed_windows": windows,
+        "train_tokens_per_s": train.tokens_per_s,
+        "eval_tokens_per_s": eval_rate,
+        "eval_batch_size": config.data.eval_batch_size,
+        "peak_memory_mb": peak_memory,
+        "unique_target_fraction": unique_fraction,
+        "train_gflop_per_token": flops / 1e9,
+        "achieved_gflops": achieved,
+        "matmul_peak_gflops": peaks,
+        "fraction_of_peak": achieved / peaks[config.train.precision],
+    }
+    if reference:
+        torch.manual_seed(config.seed)
+        naive = NaiveReference(config, vocab_size).to(device).train()
+        optimizer = torch.optim.SGD(naive.parameters(), lr=config.train.lr)
+        shape = (config.model.num_layers, config.data.batch_size, config.model.hidden_size)
+        naive_state = [(torch.zeros(shape, device=device), torch.zeros(shape, device=device))]
+
+        def naive_window(inputs, targets):
+            naive_state[0] = naive_step(naive, optimizer, config, inputs, targets, naive_state[0])
+
+        reference_timing = _time_windows(naive_window, batches, warmup, device)
+        report["reference_train_tokens_per_s"] = reference_timing.tokens_per_s
+        report["speedup_over_reference"] = train.tokens_per_s / reference_timing.tokens_per_s
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"{report['config']}: {report['device']}, {report['threads']} threads, {report['precision']}, "
+        f"VD {report['dropout_mode']}, AL {'on' if report['augmented'] else 'off'}",
+        f"  train      {report['train_tokens_per_s']:>10,.0f} tokens/s  "
+        f"({report['achieved_gflops']:.0f} GFLOP/s = {report['fraction_of_peak']:.0%} of the "
+        f"{report['precision']} matmul peak {report['matmul_peak_gflops'][report['precision']]:.0f} GFLOP/s)",
+        f"  evaluate   {report['eval_tokens_per_s']:>10,.0f} tokens/s  (batch size {report['eval_batch_size']})",
+        f"  peak memory {report['peak_memory_mb']:,.0f} MB",
+    ]
+    if "reference_train_tokens_per_s" in report:
+        lines.append(
+            f"  reference  {report['reference_train_tokens_per_s']:>10,.0f} tokens/s  "
+            f"(naive nn.LSTM + AL by definition, fp32): tiedlm is {report['speedup_over_reference']:.2f}x"
+        )
+    return "\n".join(lines)
