@@ -1,5 +1,3 @@
-import sys
+from tiedlm.cli import run
 
-from tiedlm.cli import main
-
-sys.exit(main())
+run()

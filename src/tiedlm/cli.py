@@ -245,5 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry point: SIGTERM exits cleanly (143) up to the very end of the process."""
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

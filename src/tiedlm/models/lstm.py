@@ -126,14 +126,13 @@ def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.
     bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
     # The input projection of all time steps in one matrix product.
     gates_x = torch.addmm(bias, x.reshape(steps * batch, -1), lstm.weight_ih_l0.t()).view(steps, batch, -1)
-    weight_hh = lstm.weight_hh_l0
-    if torch.is_autocast_enabled(x.device.type):  # the recurrence runs in the autocast dtype, states in fp32
-        dtype = torch.get_autocast_dtype(x.device.type)
-        gates_x, weight_hh = gates_x.to(dtype), weight_hh.to(dtype)
-        mask = mask.to(dtype)
-    h0, c0 = hx[0][0].to(gates_x.dtype), hx[1][0].to(gates_x.dtype)
-    outputs, h, c = MaskedRecurrence.apply(gates_x, h0, c0, weight_hh, mask)
-    return outputs, (h.unsqueeze(0).to(hx[0].dtype), c.unsqueeze(0).to(hx[1].dtype))
+    # The recurrence keeps its state and arithmetic in the parameters' dtype (fp32) even under
+    # bf16 autocast: the cell state accumulates over every step of the window.
+    dtype = lstm.weight_hh_l0.dtype
+    outputs, h, c = MaskedRecurrence.apply(
+        gates_x.to(dtype), hx[0][0].to(dtype), hx[1][0].to(dtype), lstm.weight_hh_l0, mask.to(dtype)
+    )
+    return outputs, (h.unsqueeze(0), c.unsqueeze(0))
 
 
 class MaskedRecurrence(torch.autograd.Function):

@@ -1,0 +1,60 @@
+import json
+
+import torch
+
+from tiedlm.bench import NaiveReference, naive_step, training_flops_per_token
+from tiedlm.cli import main
+from tiedlm.config import Config, load_config
+
+
+def test_bench_json_has_the_documented_fields(capsys, config_file):
+    code = main(["bench", str(config_file), "--windows", "3", "--warmup", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in (
+        "train_tokens_per_s",
+        "eval_tokens_per_s",
+        "reference_train_tokens_per_s",
+        "peak_memory_mb",
+        "precision",
+        "device",
+        "speedup_over_reference",
+        "fraction_of_peak",
+    ):
+        assert key in report, key
+    assert report["train_tokens_per_s"] > 0 and report["reference_train_tokens_per_s"] > 0
+    assert report["matmul_peak_gflops"]["fp32"] > 0 and report["precision"] == "fp32"
+
+
+def test_flop_count_of_the_small_model():
+    config = Config()  # 200 units, 2 layers
+    plain = training_flops_per_token(config, 10_000, unique_fraction=0.5)
+    assert plain == 3 * (2 * 2 * 800 * 400 + 2 * 200 * 10_000)
+    config.loss.augmented = True
+    assert training_flops_per_token(config, 10_000, 0.5) == plain + 2 * 0.5 * 2 * 200 * 10_000
+
+
+def test_naive_reference_computes_the_same_loss_as_tiedlm(config_file):
+    # The reference is only a fair baseline if it optimises the same objective.
+    from tiedlm.loss import AugmentedLoss
+
+    config = load_config(config_file, ["train.clip=0"])  # compare raw gradients
+    torch.manual_seed(0)
+    naive = NaiveReference(config, 31).eval()
+    tokens = torch.randint(0, 31, (6, 4))
+    targets = torch.randint(0, 31, (6, 4))
+    state = (torch.zeros(2, 4, 12), torch.zeros(2, 4, 12))
+    logits, _ = naive(tokens, state)
+    ours = AugmentedLoss(config.loss.tau, config.loss.gamma)(
+        logits.flatten(0, 1), targets.flatten(), naive.embedding.weight
+    ).sum()
+    optimizer = torch.optim.SGD(naive.parameters(), lr=0.0)
+    naive.train(False)
+    before = {k: v.clone() for k, v in naive.state_dict().items()}
+    naive_step(naive, optimizer, config, tokens, targets, state)
+    assert all(torch.equal(before[k], v) for k, v in naive.state_dict().items())  # lr 0: no change
+    grads = {n: p.grad.clone() for n, p in naive.named_parameters()}
+    naive.zero_grad()
+    (ours / config.data.batch_size).backward()
+    for name, parameter in naive.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6)
