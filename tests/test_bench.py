@@ -44,17 +44,15 @@ def test_naive_reference_computes_the_same_loss_as_tiedlm(config_file):
     tokens = torch.randint(0, 31, (6, 4))
     targets = torch.randint(0, 31, (6, 4))
     state = (torch.zeros(2, 4, 12), torch.zeros(2, 4, 12))
-    logits, _ = naive(tokens, state)
-    ours = AugmentedLoss(config.loss.tau, config.loss.gamma)(
-        logits.flatten(0, 1), targets.flatten(), naive.embedding.weight
-    ).sum()
     optimizer = torch.optim.SGD(naive.parameters(), lr=0.0)
-    naive.train(False)
     before = {k: v.clone() for k, v in naive.state_dict().items()}
-    naive_step(naive, optimizer, config, tokens, targets, state)
+    naive_step(naive, optimizer, config, tokens, targets, state)  # dropout off: the model is in eval mode
     assert all(torch.equal(before[k], v) for k, v in naive.state_dict().items())  # lr 0: no change
     grads = {n: p.grad.clone() for n, p in naive.named_parameters()}
     naive.zero_grad()
+    logits, _ = naive(tokens, state)
+    loss_fn = AugmentedLoss(config.loss.tau, config.loss.gamma)
+    ours = loss_fn(logits.flatten(0, 1), targets.flatten(), naive.embedding.weight).sum()
     (ours / config.data.batch_size).backward()
     for name, parameter in naive.named_parameters():
         torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6)
