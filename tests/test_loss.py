@@ -132,3 +132,20 @@ def test_shape_errors_are_reported(problem):
     logits, targets, embedding = problem
     with pytest.raises(ValueError, match="expected logits"):
         augmented_kl(logits, targets[:-1], embedding, TAU)
+
+
+def test_cross_entropy_matches_pytorch_with_gradients():
+    from tiedlm.loss import cross_entropy
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 7, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 7, (9,), generator=generator)
+    weights = torch.rand(9, dtype=torch.float64, generator=generator)
+    ours = cross_entropy(logits, targets, bias)
+    reference = torch.nn.functional.cross_entropy((logits + bias).float(), targets, reduction="none")
+    torch.testing.assert_close(ours, reference)
+    mine = torch.autograd.grad((ours * weights.float()).sum(), (logits, bias))
+    theirs = torch.autograd.grad((reference * weights.float()).sum(), (logits, bias))
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

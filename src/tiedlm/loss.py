@@ -13,8 +13,9 @@ the ``detach_target`` setting.
 ỹ depends only on the target id, so it is computed once per unique target in
 the batch. Tokens are processed grouped by target in chunks of at most
 ``max_chunk_elements`` entries of (tokens × |V|), in both the forward and the
-backward pass (which recomputes rather than stores), so memory stays bounded
-for large vocabularies. The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
+backward pass, which recomputes rather than stores, so memory stays bounded
+for large vocabularies; a batch that fits in one block keeps ŷ and ỹ for the
+backward pass instead of recomputing them. The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
 with autocast disabled.
 """
 
@@ -29,14 +30,21 @@ from torch import nn
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per (tokens × |V|) block
 
 
-def _groups(targets: torch.Tensor, chunk_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _groups(
+    targets: torch.Tensor, chunk_rows: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | slice, torch.Tensor]]:
     """Yield (target_ids, token_index, row) blocks that cover every token once.
 
-    ``target_ids`` (U,) are distinct targets, ``token_index`` (n,) are tokens
-    whose target is among them, and ``row`` (n,) says which of the U each
-    token's target is; U ≤ chunk_rows and n ≤ chunk_rows.
+    ``target_ids`` (U,) are distinct targets, ``token_index`` selects the tokens
+    whose target is among them, and ``row`` says which of the U each of those
+    tokens' target is; U ≤ chunk_rows and the number of tokens ≤ chunk_rows.
+    When the whole batch fits in one block, ``token_index`` is ``slice(None)``
+    (all tokens, in order: no gathering).
     """
     unique, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
+    if targets.numel() <= chunk_rows:
+        yield unique, slice(None), inverse
+        return
     order = torch.argsort(inverse, stable=True)  # tokens grouped by target
     ends = torch.cumsum(counts, 0).tolist()
     starts = [0] + ends[:-1]
@@ -50,7 +58,7 @@ def _groups(targets: torch.Tensor, chunk_rows: int) -> Iterator[tuple[torch.Tens
 
 def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: float) -> torch.Tensor:
     """log ỹ for each target id: log_softmax(L[y] · Lᵀ / τ), shape (U, |V|)."""
-    return torch.log_softmax(embedding[target_ids] @ embedding.t() / tau, dim=-1)
+    return torch.log_softmax((embedding[target_ids] / tau) @ embedding.t(), dim=-1)
 
 
 class _AugmentedKL(torch.autograd.Function):
@@ -60,31 +68,45 @@ class _AugmentedKL(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):
             z, emb = logits.to(dtype), embedding.to(dtype)
             kl = z.new_empty(z.size(0))
+            kept = None
             for target_ids, tokens, row in _groups(targets, chunk_rows):
                 log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
-                neg_entropy = (log_q.exp() * log_q).sum(-1)  # (U,)
+                q = log_q.exp()
+                neg_entropy = (q * log_q).sum(-1)  # (U,)
                 log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
-                kl[tokens] = neg_entropy[row] - (log_q.exp()[row] * log_p).sum(-1)
+                q_rows = q[row]  # (n, V)
+                kl[tokens] = neg_entropy[row] - (q_rows * log_p).sum(-1)
+                if isinstance(tokens, slice):  # one block: keep ŷ and ỹ for the backward pass
+                    kept = (log_p, q_rows, log_q, row)
         ctx.save_for_backward(logits, embedding, targets, kl)
-        ctx.tau, ctx.chunk_rows, ctx.train_target = tau, chunk_rows, train_target
+        ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         return kl.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_kl):
         logits, embedding, targets, kl = ctx.saved_tensors
-        tau = ctx.tau
+        tau, kept = ctx.tau, ctx.kept
+        ctx.kept = None
         train_target = ctx.train_target and ctx.needs_input_grad[1]
         dtype = kl.dtype
         with torch.autocast(logits.device.type, enabled=False):
             z, emb, g = logits.to(dtype), embedding.to(dtype), grad_kl.to(dtype)
-            grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+            grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] and kept is None else None
             grad_emb = torch.zeros_like(emb) if train_target else None
-            for target_ids, tokens, row in _groups(targets, ctx.chunk_rows):
-                log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
-                q = log_q.exp()[row]  # (n, V)
-                log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
-                if grad_z is not None:
-                    grad_z[tokens] = (log_p.exp() - q) * (g[tokens] / tau).unsqueeze(1)  # (ŷ − ỹ)/τ
+            groups = [(targets.unique(), slice(None), kept[3])] if kept else _groups(targets, ctx.chunk_rows)
+            for target_ids, tokens, row in groups:
+                if kept is not None:
+                    log_p, q, log_q, _ = kept
+                else:
+                    log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
+                    q = log_q.exp()[row]  # (n, V)
+                    log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+                if ctx.needs_input_grad[0]:
+                    block = (log_p.exp() - q).mul_((g[tokens] / tau).unsqueeze(1))  # (ŷ − ỹ)/τ
+                    if grad_z is None:
+                        grad_z = block
+                    else:
+                        grad_z[tokens] = block
                 if grad_emb is not None:
                     # ∂KL/∂s_j = ỹ_j (log ỹ_j − log ŷ_j − KL) for the scores s = L[y]·Lᵀ/τ
                     d_scores = q * (log_q[row] - log_p - kl[tokens].unsqueeze(1)) * g[tokens].unsqueeze(1)
@@ -121,11 +143,32 @@ def augmented_kl(
     return _AugmentedKL.apply(logits, embedding, targets, float(tau), chunk_rows, not detach_target)
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """−log softmax(z)[y] per token, with the gradient softmax(z) − onehot(y) written in place."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        with torch.autocast(logits.device.type, enabled=False):
+            log_p = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+        ctx.save_for_backward(log_p, targets)
+        ctx.input_dtype = logits.dtype
+        return -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_p, targets = ctx.saved_tensors
+        grad_logits = log_p.exp().mul_(grad.unsqueeze(1))
+        grad_logits[torch.arange(targets.numel(), device=targets.device), targets] -= grad
+        return grad_logits.to(ctx.input_dtype), None
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token −log softmax(z + b)[y], computed in fp32, shape (N,)."""
     if bias is not None:
         logits = logits + bias
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    if not torch.is_grad_enabled() or not logits.requires_grad:
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+    return _CrossEntropy.apply(logits, targets)
 
 
 class AugmentedLoss(nn.Module):
