@@ -36,6 +36,10 @@ def test_eval_both_splits_and_batch_size_one(capsys, trained_run):
     code, out, _ = run_cli(capsys, "eval", trained_run, "--split", "test", "--batch-size", 1, "--json")
     one = json.loads(out)
     assert code == 0 and one["batch_size"] == 1 and one["tokens"] > results["test"]["tokens"]
+    code, out, _ = run_cli(capsys, "eval", trained_run, "--split", "test", "--precision", "bf16", "--json")
+    bf16 = json.loads(out)
+    assert code == 0 and bf16["precision"] == "bf16" and results["test"]["precision"] == "fp32"
+    assert bf16["perplexity"] == pytest.approx(results["test"]["perplexity"], rel=0.05)
 
 
 def test_generate_is_reproducible_and_warns_on_unknown_prompt_words(capsys, trained_run):

@@ -276,3 +276,18 @@ def test_sigterm_outside_training_exits_143(monkeypatch, trained_run):
         cli.main(["eval", str(trained_run)])
     assert info.value.code == 143
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_signal_during_the_final_evaluation_still_exits_with_its_code(tmp_path, config_file, monkeypatch):
+    trainer = Trainer(load_config(config_file), tmp_path / "run", echo=lambda *a: None)
+    original = Trainer.final_report
+
+    def final_report(self):
+        self.stop_signal = signal.SIGINT  # as if Ctrl-C came while valid/test were being scored
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "final_report", final_report)
+    with pytest.raises(train_module.Interrupted) as info:
+        trainer.fit()
+    assert info.value.exit_code == 130
+    assert (tmp_path / "run" / "final.json").exists()  # the run itself is complete

@@ -550,7 +550,10 @@ class Trainer:
                     self._run_epoch()
                 except _Rollback:
                     self._rollback()
-            return self.final_report()
+            report = self.final_report()
+            if self.stop_signal is not None:  # arrived during the final evaluation: the run is complete
+                raise Interrupted(self.stop_signal, run_checkpoints(self.run_dir)[-1])
+            return report
         finally:
             self._release()
 
