@@ -20,7 +20,7 @@ from tiedlm.config import Config, DataConfig, LossConfig, ModelConfig, PaperConf
 from tiedlm.data import load_corpus
 from tiedlm.errors import TiedlmError
 
-FUZZ = settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=120, deadline=10_000, suppress_health_check=[HealthCheck.too_slow])
 
 
 def run_main(*args) -> tuple[int, str, str]:
@@ -170,7 +170,7 @@ def checkpoint(tmp_path_factory):
     return root / "run"
 
 
-@settings(max_examples=80, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=20_000, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.one_of(split_bytes, st.text(max_size=300).map(lambda s: s.encode("utf-8", "surrogatepass"))))
 def test_score_input(checkpoint, data):
     with tempfile.TemporaryDirectory() as root:
