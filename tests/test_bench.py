@@ -56,3 +56,16 @@ def test_naive_reference_computes_the_same_loss_as_tiedlm(config_file):
     (ours / config.data.batch_size).backward()
     for name, parameter in naive.named_parameters():
         torch.testing.assert_close(parameter.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_allocator_tuning_applies_on_linux_glibc():
+    import platform
+    import sys
+
+    from tiedlm.runtime import tune_allocator
+
+    applied = tune_allocator()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False

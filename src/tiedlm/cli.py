@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tiedlm import __version__
 from tiedlm.errors import TiedlmError
+from tiedlm.runtime import tune_allocator
 
 
 class _Parser(argparse.ArgumentParser):
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = _build_parser().parse_args(argv)
+        tune_allocator()
         return COMMANDS[args.command](args) or 0
     except TiedlmError as exc:
         print(f"tiedlm: error: {_one_line(str(exc))}", file=sys.stderr)
