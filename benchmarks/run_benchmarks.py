@@ -32,6 +32,7 @@ from tiedlm.config import load_config
 from tiedlm.data import load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.models import build_model
+from tiedlm.runtime import tune_allocator
 from tiedlm.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
+    tune_allocator()  # as the `tiedlm` command does
     if args.render_only:
         results = json.loads((ROOT / "benchmarks" / "results.json").read_text())
         (ROOT / "benchmarks" / "RESULTS.md").write_text(render(results))
