@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,19 +31,11 @@ from tiedlm.config import load_config
 from tiedlm.data import load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.models import build_model
-from tiedlm.runtime import tune_allocator
+from tiedlm.runtime import cpu_name, tune_allocator
 from tiedlm.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [("fp32", "exact"), ("fp32", "fast"), ("bf16", "exact"), ("bf16", "fast")]
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def speed(config_path: Path, windows: int) -> list[dict]:

@@ -65,6 +65,7 @@ from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
 from tiedlm.precision import autocast
+from tiedlm.runtime import cpu_name
 
 KEEP_CHECKPOINTS = 2
 MAX_ROLLBACKS = 8
@@ -124,6 +125,13 @@ class Interrupted(Exception):
 
 class _Rollback(Exception):
     pass
+
+
+def _hardware(device: torch.device) -> str:
+    """What the run ran on, in words: GPU model, or CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def _git_commit() -> str | None:
@@ -431,6 +439,7 @@ class Trainer:
             "torch": torch.__version__,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "hardware": _hardware(self.device),
             "threads": torch.get_num_threads(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

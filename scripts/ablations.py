@@ -1,0 +1,215 @@
+"""The PTB-small ablations of issue 4: settle the paper's open questions by experiment.
+
+Every arm is ``configs/ptb/small-real.toml`` with the same seed and the same
+short budget (``BUDGET``), changed in one setting. ``run`` trains the arms that
+have not finished (two at a time, one thread each, on a 2-core machine);
+``render`` writes ``results/ablations.md`` + ``.json`` + the curves PNG from
+the finished runs' logs, which are copied into ``results/ablations/``.
+
+    python scripts/ablations.py run --jobs 2
+    python scripts/ablations.py render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = "configs/ptb/small-real.toml"
+
+# The short schedule every arm gets: 5 full epochs, lr 1 for two epochs and
+# then halved every epoch, so that each arm ends near its own optimum for the
+# budget rather than at a high learning rate.
+BUDGET = [
+    "train.max_epochs=5",
+    "train.lr_decay_start=3",
+    "train.lr_decay=0.5",
+    "train.patience=100",
+    "train.precision=bf16",
+]
+
+# name -> (question, the one setting that differs from the base, label)
+ARMS: dict[str, tuple[str, list[str], str]] = {
+    "base": ("all", [], "drop 0.3, detach, tau 20, gamma 0.5, exact"),
+    "drop-0.7": ("a", ["model.dropout=0.7"], "SPEC value read as the drop probability (0.7)"),
+    "no-detach": ("b", ["loss.detach_target=false"], "gradient through the AL target"),
+    "tau10-gamma0.5": ("c", ["loss.tau=10.0"], "tau 10, gamma 0.5"),
+    "tau10-gamma0.8": ("c", ["loss.tau=10.0", "loss.gamma=0.8"], "tau 10, gamma 0.8"),
+    "tau20-gamma0.8": ("c", ["loss.gamma=0.8"], "tau 20, gamma 0.8"),
+    "fast": ("d", ["model.dropout_mode=fast"], "fast (batch-shared) VD masks"),
+}
+
+QUESTIONS = {
+    "a": ("SPEC §4 dropout values: keep or drop probabilities?", ["base", "drop-0.7"]),
+    "b": ("`detach_target`: treat the AL target as a constant?", ["base", "no-detach"]),
+    "c": (
+        "Temperature τ and AL weight γ",
+        ["tau10-gamma0.5", "tau10-gamma0.8", "base", "tau20-gamma0.8"],
+    ),
+    "d": ("`exact` (per-sequence) vs `fast` (batch-shared) VD masks", ["base", "fast"]),
+}
+
+
+def run_dir(runs: Path, arm: str) -> Path:
+    return runs / arm
+
+
+def finished(path: Path) -> bool:
+    return (path / "final.json").is_file()
+
+
+def command(arm: str, runs: Path) -> list[str]:
+    args = [sys.executable, "-m", "tiedlm", "train", BASE_CONFIG, "--out", str(run_dir(runs, arm))]
+    for item in BUDGET + ARMS[arm][1]:
+        args += ["--set", item]
+    return args
+
+
+def run(runs: Path, jobs: int) -> None:
+    todo = [arm for arm in ARMS if not finished(run_dir(runs, arm))]
+    env = dict(os.environ, OMP_NUM_THREADS="1" if jobs > 1 else os.environ.get("OMP_NUM_THREADS", ""))
+    running: list[tuple[str, subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            arm = todo.pop(0)
+            path = run_dir(runs, arm)
+            args = command(arm, runs)
+            if (path / "checkpoints").is_dir():  # interrupted earlier: continue it
+                args = [sys.executable, "-m", "tiedlm", "train", "--resume", str(path)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(runs / f"{arm}.log", "a")
+            print(f"start {arm}: {' '.join(args)}", flush=True)
+            running.append((arm, subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)))
+        arm, proc = running.pop(0)
+        code = proc.wait()
+        print(f"done {arm}: exit {code}", flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def render(runs: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = out / "ablations"
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for arm, (question, sets, label) in ARMS.items():
+        path = run_dir(runs, arm)
+        if not finished(path):
+            continue
+        final = json.loads((path / "final.json").read_text())
+        info = json.loads((path / "run.json").read_text())
+        metrics = [m for m in read_jsonl(path / "metrics.jsonl") if "valid_ppl" in m]
+        shutil.copyfile(path / "metrics.jsonl", logs / f"{arm}.jsonl")
+        rows.append(
+            {
+                "arm": arm,
+                "question": question,
+                "setting": sets,
+                "label": label,
+                "valid": final["valid_ppl"],
+                "test": final["test_ppl"],
+                "epochs": final["epochs"],
+                "wall_s": final["elapsed_s"],
+                "tokens_per_s": sum(m["train_tokens_per_s"] for m in metrics) / len(metrics),
+                "curve": [m["valid_ppl"] for m in metrics],
+                "commit": info.get("commit"),
+                "command": " ".join(["tiedlm", *info["command"][1:]]),
+                "threads": info.get("threads"),
+                "hardware": info.get("hardware", info.get("device_name")),
+                "log": f"ablations/{arm}.jsonl",
+            }
+        )
+    if not rows:
+        raise SystemExit(f"ablations: no finished runs under {runs}")
+    by_arm = {row["arm"]: row for row in rows}
+    (out / "ablations.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+    fig, axes = plt.subplots(1, len(QUESTIONS), figsize=(4.2 * len(QUESTIONS), 3.6), sharey=True)
+    for ax, (key, (_title, arms)) in zip(axes, QUESTIONS.items(), strict=True):
+        for arm in arms:
+            if arm in by_arm:
+                curve = by_arm[arm]["curve"]
+                ax.plot(range(1, len(curve) + 1), curve, marker="o", label=by_arm[arm]["label"])
+        ax.set_title(f"({key})", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation perplexity")
+    fig.tight_layout()
+    fig.savefig(out / "ablations.png", dpi=110)
+
+    lines = [
+        "# Ablations on PTB small (issue 4)",
+        "",
+        "Generated by `python scripts/ablations.py render` from the logs in",
+        "[`ablations/`](ablations/) (do not edit by hand; numbers also in",
+        "[`ablations.json`](ablations.json)).",
+        "",
+        f"Every arm is `{BASE_CONFIG}` (REAL: tied weights + augmented loss) with seed 1",
+        "and the same budget: " + ", ".join(f"`{b}`" for b in BUDGET) + ",",
+        "changed in one setting only. This is a short, compressed schedule, so the",
+        "numbers rank the settings; they are not final perplexities. Test perplexity is",
+        "of the best-validation checkpoint, evaluation batch 10.",
+        "",
+        "![validation curves](ablations.png)",
+        "",
+    ]
+    for key, (title, arms) in QUESTIONS.items():
+        lines += [f"## ({key}) {title}", "", "| arm | setting | valid | test | curve (valid, per epoch) |"]
+        lines.append("|---|---|---:|---:|---|")
+        for arm in arms:
+            if arm not in by_arm:
+                lines.append(f"| {arm} | (not run yet) | | | |")
+                continue
+            row = by_arm[arm]
+            setting = ", ".join(f"`{s}`" for s in row["setting"]) or "(base)"
+            curve = " → ".join(f"{v:.1f}" for v in row["curve"])
+            lines.append(f"| {arm} | {setting} | {row['valid']:.2f} | {row['test']:.2f} | {curve} |")
+        lines.append("")
+    lines += [
+        "## Runs",
+        "",
+        "| arm | commit | threads | epochs | wall s | train tok/s | log | command |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['arm']} | `{(row['commit'] or '?')[:8]}` | {row['threads']} | {row['epochs']} "
+            f"| {row['wall_s']:.0f} | {row['tokens_per_s']:,.0f} | [{row['arm']}.jsonl]({row['log']}) "
+            f"| `{row['command']}` |"
+        )
+    lines.append("")
+    hardware = sorted({str(row["hardware"]) for row in rows})
+    lines += [f"Hardware: {', '.join(hardware)}; arms ran two at a time, one thread each.", ""]
+    (out / "ablations.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'ablations.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["run", "render"])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablations")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    if args.action == "run":
+        run(args.runs, args.jobs)
+    else:
+        render(args.runs, args.out)
+
+
+if __name__ == "__main__":
+    main()
