@@ -75,6 +75,16 @@ def test_early_stopping_after_patience(tmp_path, config_file):
     assert len(run_checkpoints(tmp_path / "run")) == 2  # only the last two are kept
 
 
+def test_time_limit_stops_before_an_epoch_that_would_overrun(tmp_path, config_file):
+    # Any real epoch takes longer than 1e-6 minutes, so the limit ends the run after epoch 1;
+    # raising the limit on resume continues it.
+    config = load_config(config_file, ["train.time_limit_minutes=1e-6", "train.max_epochs=5"])
+    report = Trainer(config, tmp_path / "run", echo=lambda *a, **k: None).fit()
+    assert report["epochs"] == 1 and report["stopped_by"] == "time_limit"
+    assert main(["train", "--resume", str(tmp_path / "run"), "--set", "train.time_limit_minutes=0"]) == 0
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["epochs"] == 5
+
+
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("augmented", [True, False])
 def test_all_four_variants_train(tmp_path, corpus_dir, tie, augmented):

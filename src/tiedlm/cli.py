@@ -78,6 +78,18 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_positive_int, default=3)
     bench.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+
+    reproduce = commands.add_parser("reproduce", help="train or collect the four variants of a paper table")
+    reproduce.add_argument("table", help="ptb-small, ptb-medium, ptb-large, wikitext-2-small or wikitext-2-medium")
+    reproduce.add_argument("--variants", default="vd,al,re,real", help="comma-separated subset of vd,al,re,real")
+    reproduce.add_argument("--configs", default="configs", help="folder holding ptb/ and wikitext-2/ configs")
+    reproduce.add_argument("--runs", default="runs", help="run folders go to RUNS/TABLE/VARIANT")
+    reproduce.add_argument("--results", default="results", help="where TABLE.md, .json, .png and the logs go")
+    reproduce.add_argument("--jobs", type=_positive_int, default=1, help="variants trained at once (threads split)")
+    reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="config override for every variant, e.g. --set train.precision=bf16")  # fmt: skip
+    reproduce.add_argument("--rerun", action="store_true", help="train again even where a run finished")
+    reproduce.add_argument("--collect-only", action="store_true", help="train nothing; write the results")
     return parser
 
 
@@ -219,7 +231,43 @@ def _cmd_bench(args) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "score": _cmd_score, "bench": _cmd_bench}
+def _cmd_reproduce(args) -> int:
+    from tiedlm.config import load_config
+    from tiedlm.reproduce import collect, plan, set_aside, train_all
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    plans = plan(args.table, variants, Path(args.configs), Path(args.runs))
+    for item in plans:  # check the overrides against every config before anything starts
+        load_config(item.config, args.overrides)
+    command = f"tiedlm reproduce {args.table}"
+    if variants != ["vd", "al", "re", "real"]:
+        command += f" --variants {','.join(variants)}"
+    command += "".join(f" --set {text}" for text in args.overrides)
+    code = None
+    if not args.collect_only:
+        if args.rerun:
+            for item in plans:
+                if item.run_dir.exists():
+                    print(f"{item.table}/{item.variant}: previous run moved to {set_aside(item.run_dir)}")
+        code = train_all(plans, args.overrides, args.jobs)
+    rows = collect(plans, Path(args.results), command)
+    for row in rows:
+        print(
+            f"{row['table']}/{row['variant']}: {row['status']}, valid {row['valid'] or row['best_valid_so_far']:.2f}"
+            f" (paper {row['paper_valid']}), epochs {row['epochs']}"
+        )
+    print(f"wrote {Path(args.results) / (args.table + '.md')}")
+    return code or 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "score": _cmd_score,
+    "bench": _cmd_bench,
+    "reproduce": _cmd_reproduce,
+}
 
 
 def _one_line(message: str) -> str:

@@ -70,6 +70,8 @@ class TrainConfig:
     max_epochs: int = field(default=40, metadata=_range(1))
     patience: int = field(default=5, metadata=_range(1))  # epochs without a better validation ppl
     max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split
+    # Stop before an epoch that would end past this many minutes of training (0 = no limit).
+    time_limit_minutes: float = field(default=0.0, metadata=_range(0.0))
     nonfinite_patience: int = field(default=5, metadata=_range(1))  # consecutive NaN/inf steps before a rollback
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     precision: str = field(default="fp32", metadata=_choice("fp32", "bf16"))  # bf16 = autocast matmuls

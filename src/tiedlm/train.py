@@ -97,6 +97,7 @@ class Progress:
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one
     elapsed_s: float = 0.0  # training + validation wall time of completed epochs
+    last_epoch_s: float = 0.0  # wall time of the last completed epoch (predicts the next one)
     lr_scale: float = 1.0  # halved at every rollback after non-finite steps
     rollbacks: int = 0
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
@@ -131,7 +132,8 @@ def _hardware(device: torch.device) -> str:
     """What the run ran on, in words: GPU model, or CPU model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def _git_commit() -> str | None:
@@ -567,8 +569,18 @@ class Trainer:
             self._release()
 
     def _finished(self) -> bool:
-        train = self.config.train
-        return self.progress.epoch >= train.max_epochs or self.progress.bad_epochs >= train.patience
+        return self._stop_reason() is not None
+
+    def _stop_reason(self) -> str | None:
+        train, progress = self.config.train, self.progress
+        if progress.epoch >= train.max_epochs:
+            return "max_epochs"
+        if progress.bad_epochs >= train.patience:
+            return "patience"
+        limit_s = train.time_limit_minutes * 60
+        if limit_s and progress.epoch and progress.elapsed_s + progress.last_epoch_s > limit_s:
+            return "time_limit"
+        return None
 
     def _run_epoch(self) -> None:
         config, progress = self.config, self.progress
@@ -585,6 +597,7 @@ class Trainer:
         improved = valid.perplexity < progress.best_valid_ppl
         progress.epoch = epoch
         progress.elapsed_s += epoch_s
+        progress.last_epoch_s = epoch_s
         if improved:
             progress.best_valid_ppl, progress.best_epoch, progress.bad_epochs = valid.perplexity, epoch, 0
         else:
@@ -613,7 +626,7 @@ class Trainer:
         precision = self.config.train.precision
         valid = evaluate(self.model, self.corpus.valid, data.eval_batch_size, data.bptt, precision)
         test = evaluate(self.model, self.corpus.test, data.eval_batch_size, data.bptt, precision)
-        stopped = "patience" if self.progress.bad_epochs >= self.config.train.patience else "max_epochs"
+        stopped = self._stop_reason() or "max_epochs"
         report = {
             "event": "final",
             "best_epoch": self.progress.best_epoch,

@@ -1,0 +1,371 @@
+"""``tiedlm reproduce TABLE``: train (or collect) the four variants of one row group of the paper.
+
+A table such as ``ptb-small`` names the configs ``configs/ptb/small-{vd,al,re,real}.toml``.
+Each variant trains in its own run folder, ``RUNS/ptb-small/VARIANT``, as a
+``tiedlm train`` subprocess (several at once with ``--jobs``, threads split
+between them); a finished run (one with ``final.json``) is collected, not re-run,
+and an interrupted one is resumed. The results are written from the run folders'
+logs alone:
+
+    results/ptb-small.md     paper valid/test beside ours, parameters, epochs, wall time,
+                             hardware, seed, commit and the exact command of each run
+    results/ptb-small.json   the same as a list of objects, one per variant
+    results/ptb-small.png    validation learning curves
+    results/ptb-small/       each run's metrics.jsonl, run.json and final.json (the logs the
+                             tables come from; checkpoints stay in the run folders)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiedlm.errors import TiedlmError
+
+VARIANTS = ("vd", "al", "re", "real")
+VARIANT_NAMES = {"vd": "VD", "al": "VD + AL", "re": "VD + RE", "real": "VD + RE + AL (REAL)"}
+TABLES = {
+    "ptb-small": ("ptb", "small"),
+    "ptb-medium": ("ptb", "medium"),
+    "ptb-large": ("ptb", "large"),
+    "wikitext-2-small": ("wikitext-2", "small"),
+    "wikitext-2-medium": ("wikitext-2", "medium"),
+}
+METRICS, RUN_INFO, FINAL = "metrics.jsonl", "run.json", "final.json"
+
+
+@dataclass
+class Plan:
+    """Where one variant's config, run folder and collected logs live."""
+
+    table: str
+    variant: str
+    config: Path
+    run_dir: Path
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / FINAL).is_file()
+
+    @property
+    def started(self) -> bool:
+        return (self.run_dir / "checkpoints").is_dir()
+
+
+def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Plan]:
+    if table not in TABLES:
+        raise TiedlmError(f"reproduce: unknown table {table!r} (choose from {', '.join(TABLES)})")
+    corpus, size = TABLES[table]
+    plans = []
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise TiedlmError(f"--variants: unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+        config = configs / corpus / f"{size}-{variant}.toml"
+        if not config.is_file():
+            raise TiedlmError(f"{config}: no such config (give --configs, the folder holding ptb/ and wikitext-2/)")
+        plans.append(Plan(table, variant, config, runs / table / variant))
+    return plans
+
+
+def train_command(item: Plan, overrides: list[str]) -> list[str]:
+    """The ``tiedlm train`` call for one variant: a fresh run, or the continuation of an interrupted one."""
+    if item.started:
+        command = ["train", "--resume", str(item.run_dir)]
+    else:
+        command = ["train", str(item.config), "--out", str(item.run_dir)]
+    for text in overrides:
+        command += ["--set", text]
+    return command
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a run folder out of the way (never delete a finished run): RUN.replaced-YYYYmmdd-HHMMSS."""
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(target)
+    return target
+
+
+def train_all(
+    plans: list[Plan], overrides: list[str], jobs: int, say=print, python: str = sys.executable
+) -> int | None:
+    """Train the plans' unfinished runs, ``jobs`` at a time.
+
+    Returns None when all finished, 128 + signal if stopped by one, 1 if a trainer failed.
+
+    SIGINT/SIGTERM are passed on to the running trainers, which write a checkpoint and exit;
+    the next ``tiedlm reproduce`` resumes them.
+    """
+    todo = [item for item in plans if not item.finished]
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    running: dict[subprocess.Popen, Plan] = {}
+    stop: list[int] = []
+    failed: list[str] = []
+
+    def forward(signum, frame):
+        if not stop:
+            say(f"reproduce: {signal.Signals(signum).name}: stopping the running trainers (they checkpoint first)")
+        stop.append(signum)
+        for proc in running:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while (todo and not stop) or running:
+            while todo and not stop and len(running) < jobs:
+                item = todo.pop(0)
+                command = [python, "-m", "tiedlm", *train_command(item, overrides)]
+                item.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                log_path = item.run_dir.parent / f"{item.variant}.log"
+                with open(log_path, "a", encoding="utf-8") as log:
+                    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running[proc] = item
+                say(f"{item.table}/{item.variant}: training ({' '.join(['tiedlm', *command[3:]])}; log {log_path})")
+            finished = _wait_any(running)
+            item = running.pop(finished)
+            code = finished.returncode
+            if code == 0:
+                final = json.loads((item.run_dir / FINAL).read_text(encoding="utf-8"))
+                say(f"{item.table}/{item.variant}: done, valid {final['valid_ppl']:.2f}, test {final['test_ppl']:.2f}")
+            elif code in (130, 143):
+                say(f"{item.table}/{item.variant}: stopped with a checkpoint; `tiedlm reproduce` again resumes it")
+            else:
+                failed.append(item.variant)
+                log_path = item.run_dir.parent / f"{item.variant}.log"
+                say(f"{item.table}/{item.variant}: tiedlm train failed (exit {code}); see {log_path}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        return 128 + stop[0]
+    return 1 if failed else None
+
+
+def _wait_any(running: dict[subprocess.Popen, Plan]) -> subprocess.Popen:
+    while True:
+        for proc in running:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.5)
+
+
+# --- collecting results ---------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TiedlmError(f"{path}: missing (the run folder is incomplete)") from None
+    except (OSError, ValueError) as exc:
+        raise TiedlmError(f"{path}: unreadable ({exc})") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a metrics.jsonl (other events skipped)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if "valid_ppl" in record and "epoch" in record:
+                records.append(record)
+    return records
+
+
+def count_parameters(config: dict[str, Any], vocab_size: int) -> int:
+    """Trainable parameters of the model a run's config.json describes (tied matrices counted once)."""
+    from tiedlm.config import config_from_dict
+    from tiedlm.models import build_model
+
+    model = build_model(config_from_dict(config, "config.json").model, vocab_size)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _vocab_size(run_dir: Path) -> int:
+    vocab = run_dir / "best" / "vocab.txt"
+    if not vocab.is_file():
+        raise TiedlmError(f"{vocab}: missing (no epoch has finished yet)")
+    return sum(1 for line in vocab.read_text(encoding="utf-8").splitlines() if line)
+
+
+def _command_text(argv: list[str]) -> str:
+    return " ".join(["tiedlm", *argv[1:]])
+
+
+def collect_run(item: Plan) -> dict[str, Any] | None:
+    """One row of the results: a finished run, or one in progress (``status`` says which)."""
+    run_dir = item.run_dir
+    if not (run_dir / METRICS).is_file():
+        return None
+    config = _read_json(run_dir / "config.json")
+    info = _read_json(run_dir / RUN_INFO)
+    metrics = read_metrics(run_dir / METRICS)
+    if not metrics:
+        return None
+    final = _read_json(run_dir / FINAL) if item.finished else None
+    paper = config.get("paper", {})
+    commits = [info.get("commit")] + [r.get("commit") for r in info.get("resumed", [])]
+    row = {
+        "table": item.table,
+        "variant": item.variant,
+        "name": VARIANT_NAMES[item.variant],
+        "status": "finished" if final else "in progress",
+        "valid": final["valid_ppl"] if final else None,
+        "test": final["test_ppl"] if final else None,
+        "best_valid_so_far": min(m["valid_ppl"] for m in metrics),
+        "paper_valid": paper.get("valid"),
+        "paper_test": paper.get("test"),
+        "params": count_parameters(config, _vocab_size(run_dir)),
+        "epochs": metrics[-1]["epoch"],
+        "best_epoch": final["best_epoch"] if final else min(metrics, key=lambda m: m["valid_ppl"])["epoch"],
+        "stopped_by": final["stopped_by"] if final else None,
+        "wall_s": metrics[-1]["elapsed_s"],
+        "hardware": info.get("hardware") or f"{info.get('device_name', '?')}, {info.get('threads', '?')} threads",
+        "precision": config["train"]["precision"],
+        "dropout_mode": config["model"]["dropout_mode"],
+        "seed": config["seed"],
+        "commit": info.get("commit"),
+        "commits": sorted({c for c in commits if c}),
+        "command": _command_text(info["command"]),
+        "resumed": [_command_text(r["command"]) for r in info.get("resumed", [])],
+        "torch": info.get("torch"),
+        "curve": [{"epoch": m["epoch"], "train_ppl": m["train_ppl"], "valid_ppl": m["valid_ppl"]} for m in metrics],
+        "log": f"{item.table}/{item.variant}.jsonl",
+    }
+    return row
+
+
+def collect(plans: list[Plan], results: Path, command: str) -> list[dict[str, Any]]:
+    """Copy the runs' logs into ``results/TABLE/`` and write TABLE.json, TABLE.md and TABLE.png."""
+    table = plans[0].table
+    rows = []
+    logs = results / table
+    for item in plans:
+        row = collect_run(item)
+        if row is None:
+            continue
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(item.run_dir / METRICS, logs / f"{item.variant}.jsonl")
+        shutil.copyfile(item.run_dir / RUN_INFO, logs / f"{item.variant}.run.json")
+        if item.finished:
+            shutil.copyfile(item.run_dir / FINAL, logs / f"{item.variant}.final.json")
+        rows.append(row)
+    if not rows:
+        where = ", ".join(str(item.run_dir) for item in plans)
+        raise TiedlmError(f"reproduce {table}: no run has finished an epoch yet ({where})")
+    _write_text(results / f"{table}.json", json.dumps(rows, indent=2) + "\n")
+    plot_curves(rows, results / f"{table}.png", title=table)
+    _write_text(results / f"{table}.md", render_markdown(table, rows, command))
+    return rows
+
+
+def _write_text(path: Path, text: str) -> None:
+    from tiedlm.checkpoint import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for index, row in enumerate(rows):
+        color = f"C{index}"
+        epochs = [point["epoch"] for point in row["curve"]]
+        ax.plot(epochs, [p["valid_ppl"] for p in row["curve"]], color=color, marker=".", label=f"{row['name']} valid")
+        if row["paper_valid"]:
+            ax.axhline(row["paper_valid"], color=color, linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"{title}: validation perplexity (dotted: the paper's final value)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _delta(ours: float | None, paper: float | None) -> str:
+    if ours is None or paper is None:
+        return "—"
+    return f"{ours - paper:+.1f}"
+
+
+def ordering(rows: list[dict[str, Any]], key: str) -> str:
+    """``REAL 82.7 < AL 82.9 < …``: the variants sorted by a perplexity column."""
+    present = [r for r in rows if r.get(key) is not None]
+    present.sort(key=lambda r: r[key])
+    return " < ".join(f"{r['variant'].upper()} {r[key]:.1f}" for r in present)
+
+
+def render_markdown(table: str, rows: list[dict[str, Any]], command: str) -> str:
+    corpus, size = TABLES[table]
+    lines = [
+        f"# {corpus} {size}: the paper's four variants, reproduced",
+        "",
+        f"Generated by `{command}` from the run logs in [`{table}/`]({table}/) (do not edit by hand;",
+        f"the same numbers are in [`{table}.json`]({table}.json)). Paper: Inan, Khosravi, Socher (2017),",
+        "SPEC §5. Valid/test are of the best-validation checkpoint, evaluated with the config's",
+        "evaluation batch size; Δ = ours − paper.",
+        "",
+        "| variant | paper valid | paper test | valid | test | Δ valid | Δ test | params | epochs (best) "
+        "| wall | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        status = row["status"] if row["status"] != "finished" else f"stopped by {row['stopped_by']}"
+        if row["status"] != "finished":
+            status += f" (best valid so far {row['best_valid_so_far']:.2f})"
+        lines.append(
+            f"| {row['name']} | {_number(row['paper_valid'])} | {_number(row['paper_test'])} "
+            f"| {_number(row['valid'], 2)} | {_number(row['test'], 2)} "
+            f"| {_delta(row['valid'], row['paper_valid'])} | {_delta(row['test'], row['paper_test'])} "
+            f"| {row['params'] / 1e6:.2f}M | {row['epochs']} ({row['best_epoch']}) "
+            f"| {row['wall_s'] / 60:.0f} min | {status} |"
+        )
+    finished = [r for r in rows if r["status"] == "finished"]
+    lines += ["", "## Ordering", ""]
+    lines.append(f"- paper, test: {ordering(rows, 'paper_test')}")
+    lines.append(f"- ours, test: {ordering(finished, 'test') or '(no finished run yet)'}")
+    lines.append(f"- paper, valid: {ordering(rows, 'paper_valid')}")
+    lines.append(f"- ours, valid: {ordering(finished, 'valid') or '(no finished run yet)'}")
+    lines += ["", f"![validation learning curves]({table}.png)", "", "## Runs", ""]
+    lines += [
+        "| variant | seed | precision | VD mode | hardware | commit | torch | log |",
+        "|---|---:|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        commits = ", ".join(f"`{c[:8]}`" for c in row["commits"]) or "?"
+        lines.append(
+            f"| {row['name']} | {row['seed']} | {row['precision']} | {row['dropout_mode']} | {row['hardware']} "
+            f"| {commits} | {row['torch']} | [{row['variant']}.jsonl]({row['log']}) |"
+        )
+    lines += ["", "Exact commands (each run alone; `tiedlm reproduce` issues the same ones):", ""]
+    for row in rows:
+        lines.append(f"- {row['name']}: `{row['command']}`")
+        for resumed in row["resumed"]:
+            lines.append(f"  - resumed: `{resumed}`")
+    lines.append("")
+    return "\n".join(lines)

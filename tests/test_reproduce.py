@@ -1,0 +1,125 @@
+"""`tiedlm reproduce`: trains the four variants of a table (or collects them) and writes the results."""
+
+import json
+
+import pytest
+from conftest import write_config
+
+from tiedlm.cli import main
+from tiedlm.reproduce import count_parameters
+
+PAPER = {"vd": (92.6, 87.3), "al": (86.3, 82.9), "re": (89.9, 85.1), "real": (86.3, 82.7)}
+SETTINGS = {"vd": (False, False), "al": (False, True), "re": (True, False), "real": (True, True)}
+
+
+@pytest.fixture
+def tables(tmp_path, corpus_dir):
+    """configs/ptb/small-{vd,al,re,real}.toml for the tiny corpus, with the paper's numbers."""
+    configs = tmp_path / "configs"
+    (configs / "ptb").mkdir(parents=True)
+    for variant, (tie, augmented) in SETTINGS.items():
+        path = write_config(configs / "ptb" / f"small-{variant}.toml", corpus_dir, tie=tie, augmented=augmented)
+        valid, test = PAPER[variant]
+        path.write_text(path.read_text() + f'\n[paper]\nvalid = {valid}\ntest = {test}\nsource = "test"\n')
+    return tmp_path
+
+
+def reproduce(root, *extra):
+    return main(
+        [
+            "reproduce",
+            "ptb-small",
+            "--configs",
+            str(root / "configs"),
+            "--runs",
+            str(root / "runs"),
+            "--results",
+            str(root / "results"),
+            *extra,
+        ]
+    )
+
+
+def test_reproduce_trains_all_variants_and_writes_the_results(tables):
+    assert reproduce(tables, "--jobs", "2", "--set", "train.max_epochs=2") == 0
+    results = tables / "results"
+    rows = json.loads((results / "ptb-small.json").read_text())
+    assert [row["variant"] for row in rows] == ["vd", "al", "re", "real"]
+    for row in rows:
+        run = tables / "runs" / "ptb-small" / row["variant"]
+        final = json.loads((run / "final.json").read_text())
+        assert row["valid"] == final["valid_ppl"] and row["test"] == final["test_ppl"]
+        assert (row["paper_valid"], row["paper_test"]) == PAPER[row["variant"]]
+        config = json.loads((run / "config.json").read_text())
+        vocab = len((run / "best" / "vocab.txt").read_text().split())
+        assert row["params"] == count_parameters(config, vocab)
+        assert row["epochs"] == 2 and row["wall_s"] > 0 and row["seed"] == 3
+        assert row["command"].startswith("tiedlm train ") and "train.max_epochs=2" in row["command"]
+        for key in ("hardware", "commit"):
+            assert key in row
+        log = results / row["log"]
+        assert log.read_text() == (run / "metrics.jsonl").read_text()
+    # Tying removes the decoder matrix (and bias): RE has fewer parameters than VD.
+    assert rows[2]["params"] < rows[0]["params"]
+    assert (results / "ptb-small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (results / "ptb-small.md").read_text()
+    assert "![validation learning curves](ptb-small.png)" in text
+    assert "| VD + RE + AL (REAL) | 86.3 | 82.7 |" in text
+    assert "(ptb-small/real.jsonl)" in text
+
+
+def test_finished_runs_are_collected_not_rerun(tables, capsys):
+    assert reproduce(tables, "--variants", "vd,real", "--set", "train.max_epochs=1") == 0
+    final = tables / "runs" / "ptb-small" / "vd" / "final.json"
+    before = final.stat().st_mtime_ns
+    capsys.readouterr()
+    assert reproduce(tables, "--variants", "vd,real") == 0
+    assert "training" not in capsys.readouterr().out
+    assert final.stat().st_mtime_ns == before
+    # --rerun trains again and keeps the earlier run beside the new one.
+    assert reproduce(tables, "--variants", "vd", "--rerun", "--set", "train.max_epochs=1") == 0
+    kept = [p.name for p in (tables / "runs" / "ptb-small").iterdir() if p.name.startswith("vd.replaced-")]
+    assert len(kept) == 1 and final.stat().st_mtime_ns != before
+
+
+def test_an_interrupted_run_is_resumed(tables):
+    run = tables / "runs" / "ptb-small" / "re"
+    assert main(["train", str(tables / "configs" / "ptb" / "small-re.toml"), "--out", str(run)]) == 0
+    (run / "final.json").unlink()  # as if stopped after its last checkpoint
+    assert reproduce(tables, "--variants", "re") == 0
+    info = json.loads((run / "run.json").read_text())
+    assert len(info["resumed"]) == 1 and (run / "final.json").is_file()
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert rows[0]["resumed"] and rows[0]["status"] == "finished"
+
+
+def test_unfinished_runs_are_reported_as_in_progress(tables):
+    run = tables / "runs" / "ptb-small" / "vd"
+    assert main(["train", str(tables / "configs" / "ptb" / "small-vd.toml"), "--out", str(run)]) == 0
+    (run / "final.json").unlink()
+    assert reproduce(tables, "--collect-only") == 0
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert len(rows) == 1 and rows[0]["status"] == "in progress" and rows[0]["valid"] is None
+    assert rows[0]["best_valid_so_far"] > 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["reproduce", "ptb-tiny"], "unknown table 'ptb-tiny'"),
+        (["reproduce", "ptb-small", "--variants", "vd,xx"], "unknown variant 'xx'"),
+        (["reproduce", "ptb-small", "--configs", "/nonexistent"], "small-vd.toml: no such config"),
+        (["reproduce", "ptb-small", "--set", "train.nope=1"], "train.nope"),
+    ],
+)
+def test_bad_reproduce_arguments_are_one_line_errors(tables, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tables)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tables / "runs").exists() and not (tables / "results").exists()
+
+
+def test_collect_only_without_runs_is_an_error(tables, capsys):
+    assert reproduce(tables, "--collect-only") == 2
+    assert "no run has finished an epoch yet" in capsys.readouterr().err
