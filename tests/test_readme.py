@@ -22,3 +22,17 @@ def test_quick_start_is_the_two_make_targets():
     makefile = (README.parent / "Makefile").read_text()
     assert re.search(r"^demo:", makefile, flags=re.M) and re.search(r"^test:", makefile, flags=re.M)
     assert "make test" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_results_section_is_generated_from_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", README.parent / "scripts" / "render_results.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    text = README.read_text()
+    assert render.update(README, render.section()) == text, "run python scripts/render_results.py"
+    # every results file the section links exists
+    generated = text.split(render.BEGIN)[1].split(render.END)[0]
+    for link in re.findall(r"\]\(([^)#]+)\)", generated):
+        assert (README.parent / link).is_file(), link
