@@ -53,7 +53,8 @@ def _ablation_section(results: Path) -> list[str]:
         "|---|---|---:|---:|",
     ]
     for row in rows:
-        lines.append(f"| {row['arm']} ({row['label']}) | {row['question']} | {_ppl(row['valid'])} | {_ppl(row['test'])} |")
+        valid, test = _ppl(row["valid"]), _ppl(row["test"])
+        lines.append(f"| {row['arm']} ({row['label']}) | {row['question']} | {valid} | {test} |")
     return lines + [""]
 
 

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import write_config
 
+from conftest import write_config
 from tiedlm.cli import main
 from tiedlm.reproduce import count_parameters
 
