@@ -90,7 +90,54 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="config override for every variant, e.g. --set train.precision=bf16")  # fmt: skip
     reproduce.add_argument("--rerun", action="store_true", help="train again even where a run finished")
     reproduce.add_argument("--collect-only", action="store_true", help="train nothing; write the results")
+
+    analyze = commands.add_parser("analyze", help="the paper's analyses: subspace, predictions, neighbours")
+    analyses = analyze.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
+    subspace = analyses.add_parser("subspace", help="distance of W from span(L) under β·τ²|V|·J_aug + (1−β)·J")
+    subspace.add_argument("--betas", type=_float_list, help="β sweep at --beta-sweep-tau (default 0,0.1,…,1)")
+    subspace.add_argument("--taus", type=_float_list, help="τ sweep at β = 1 (default 1,2,5,10,20)")
+    subspace.add_argument("--seeds", type=_int_list, help="seeds averaged over (default 1,2,3)")
+    subspace.add_argument("--epochs", type=_positive_int, help="epochs per run (default 10)")
+    subspace.add_argument("--words", type=_positive_int, help="length of the PTB train slice (default 20000)")
+    subspace.add_argument("--no-detach-target", action="store_true", help="let the AL target train L too")
+    subspace.add_argument("--jobs", type=_positive_int, default=2, help="runs at once, one thread each (default 2)")
+    subspace.add_argument("--out", default="results", help="folder for subspace.{csv,png,md} (default results)")
+
+    predictions = analyses.add_parser("predictions", help="top next words of two checkpoints, side by side")
+    predictions.add_argument("checkpoint_a")
+    predictions.add_argument("checkpoint_b")
+    predictions.add_argument("--context", action="append", default=[], help="words before the blank (repeatable)")
+    predictions.add_argument("-k", type=_positive_int, default=10, help="words shown per model (default 10)")
+    predictions.add_argument("--report", help="also measure the whole split and write this markdown file")
+    predictions.add_argument("--split", choices=("valid", "test"), default="test")
+    predictions.add_argument("--examples", type=int, default=6, help="random split positions in the report")
+    predictions.add_argument("--seed", type=int, default=1, help="picks the report's example positions")
+
+    neighbours = analyses.add_parser("neighbours", help="nearest words by cosine in a checkpoint's embedding")
+    neighbours.add_argument("checkpoint")
+    neighbours.add_argument("word")
+    neighbours.add_argument("-k", type=_positive_int, default=10)
     return parser
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
 
 
 def _device(name: str = "auto"):
@@ -260,6 +307,150 @@ def _cmd_reproduce(args) -> int:
     return code or 0
 
 
+def _cmd_analyze(args) -> None:
+    {"subspace": _analyze_subspace, "predictions": _analyze_predictions, "neighbours": _analyze_neighbours}[
+        args.analysis
+    ](args)
+
+
+def _command_line(args) -> str:
+    import shlex
+
+    return shlex.join(["tiedlm", *args.argv])
+
+
+def _analyze_subspace(args) -> None:
+    import dataclasses
+    import time
+
+    import torch
+
+    from tiedlm.analysis import SubspaceSettings, run_subspace, write_subspace_results
+    from tiedlm.data import load_corpus
+    from tiedlm.runtime import git_commit, hardware
+
+    settings = SubspaceSettings()
+    for name in ("betas", "taus", "seeds", "epochs", "words"):
+        if getattr(args, name) is not None:
+            settings = dataclasses.replace(settings, **{name: getattr(args, name)})
+    settings.detach_target = not args.no_detach_target
+    for beta in settings.betas:
+        if not 0 <= beta <= 1:
+            raise TiedlmError(f"--betas: {beta:g} is outside [0, 1]")
+    for tau in settings.taus:
+        if tau <= 0:
+            raise TiedlmError(f"--taus: {tau:g} must be > 0")
+    corpus = load_corpus("ptb")
+    pairs, seeds = len(settings.grid()), len(settings.seeds)
+    print(f"subspace: {pairs * seeds} runs ({pairs} (β, τ) × {seeds} seeds), {args.jobs} at a time")
+    began = time.perf_counter()
+
+    def progress(run, done, total):
+        print(f"[{done}/{total}] β={run['beta']:g} τ={run['tau']:g} seed {run['seed']}: distance "
+              f"{run['distance']:.3f} ({run['wall_s']:.0f} s)", flush=True)  # fmt: skip
+
+    runs = run_subspace(corpus.train, len(corpus.vocab), settings, jobs=args.jobs, progress=progress)
+    threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    record = {
+        "command": _command_line(args),
+        "runs": len(runs),
+        "jobs": args.jobs,
+        "hardware": hardware(torch.device("cpu")).rsplit(",", 1)[0] + f", {threads} thread(s) per run",
+        "wall_s": time.perf_counter() - began,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+    }
+    write_subspace_results(runs, settings, args.out, record)
+    print(f"wrote {Path(args.out) / 'subspace.md'} ({record['wall_s'] / 60:.1f} min)")
+
+
+def _analyze_predictions(args) -> None:
+    import random
+    import time
+
+    from tiedlm.analysis import prediction_study, predictions_markdown, top_predictions
+    from tiedlm.checkpoint import load_checkpoint, write_text_atomic
+    from tiedlm.data import load_corpus
+    from tiedlm.runtime import git_commit, hardware
+
+    if not args.context and not args.report:
+        raise TiedlmError("analyze predictions: give --context TEXT (repeatable) and/or --report FILE")
+    began = time.perf_counter()
+    device = _device()
+    models = [load_checkpoint(path, device) for path in (args.checkpoint_a, args.checkpoint_b)]
+    if models[0].vocab != models[1].vocab:
+        raise TiedlmError(f"{args.checkpoint_b}: its vocabulary differs from that of {args.checkpoint_a}")
+    vocab = models[0].vocab
+    contexts = []
+    for context in args.context:
+        tops = []
+        for checkpoint in models:
+            top, unknown = top_predictions(checkpoint.model, vocab, context, args.k)
+            tops.append(top)
+        if unknown:
+            print(f"tiedlm: warning: --context: not in the vocabulary, read as <unk>: {' '.join(unknown)}",
+                  file=sys.stderr)  # fmt: skip
+        contexts.append((context, tops))
+        print(f"… {context} ___")
+        print(f"  {'A: ' + args.checkpoint_a:<40}  B: {args.checkpoint_b}")
+        for (wa, pa), (wb, pb) in zip(tops[0], tops[1], strict=True):
+            print(f"  {wa:<20} {pa:.3f}{'':<14}  {wb:<20} {pb:.3f}")
+    if not args.report:
+        return
+    corpus = load_corpus(models[0].config.data.corpus, vocab=vocab)
+    ids = corpus.split(args.split)
+    rng = random.Random(args.seed)
+    positions = sorted(rng.sample(range(10, ids.numel()), min(args.examples, ids.numel() - 10)))
+    bptt = models[0].config.data.bptt
+    stats = {}
+    for m, checkpoint in enumerate(models):
+        for r, reference in enumerate(models):
+            stats[(m, r)] = prediction_study(checkpoint.model, vocab, ids, reference.model.embedding.weight,
+                                             bptt=bptt, example_positions=positions)  # fmt: skip
+    examples = []
+    for example_a, example_b in zip(stats[(0, 0)].examples, stats[(1, 1)].examples, strict=True):
+        position = example_a["position"]
+        examples.append(
+            {
+                "context": " ".join(vocab.decode(ids[position - 10 : position].tolist())),
+                "target": example_a["target"],
+                "a": example_a,
+                "b": example_b,
+            }
+        )
+    record = {
+        "command": _command_line(args),
+        "split": args.split,
+        "seed": args.seed,
+        "hardware": hardware(device),
+        "commit": git_commit(),
+        "wall_s": time.perf_counter() - began,
+    }
+    text = predictions_markdown((args.checkpoint_a, args.checkpoint_b), stats, contexts, examples, record)
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(args.report), text)
+    for name, key in (("A", (0, 0)), ("B", (1, 1))):
+        s = stats[key]
+        print(f"{name}: perplexity {s.perplexity:.2f}, p(<unk>) {s.unk_mass:.4f}, p(top-10 frequent) "
+              f"{s.frequent_mass:.4f}, top-{s.top_k} cosine {s.top_cosine:.4f}")  # fmt: skip
+    print(f"wrote {args.report}")
+
+
+def _analyze_neighbours(args) -> None:
+    from tiedlm.analysis import nearest_words
+    from tiedlm.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint, _device())
+    try:
+        neighbours = nearest_words(checkpoint.model.embedding.weight, checkpoint.vocab, args.word, args.k)
+    except TiedlmError as exc:
+        raise TiedlmError(f"{args.checkpoint}: {exc}") from None
+    if not checkpoint.config.model.tie_weights:
+        print("# untied model: neighbours in the input embedding", file=sys.stderr)
+    for word, similarity in neighbours:
+        print(f"{word}\t{similarity:.4f}")
+
+
 COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
@@ -267,6 +458,7 @@ COMMANDS = {
     "score": _cmd_score,
     "bench": _cmd_bench,
     "reproduce": _cmd_reproduce,
+    "analyze": _cmd_analyze,
 }
 
 
@@ -284,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = _build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         tune_allocator()
         return COMMANDS[args.command](args) or 0
     except TiedlmError as exc:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +44,28 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def hardware(device) -> str:
+    """What a run ran on, in words: the GPU model, or the CPU model and thread count."""
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def git_commit() -> str | None:
+    """The commit of the tiedlm source in use (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

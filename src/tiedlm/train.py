@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -65,7 +64,7 @@ from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
 from tiedlm.precision import autocast
-from tiedlm.runtime import cpu_name
+from tiedlm.runtime import git_commit, hardware
 
 KEEP_CHECKPOINTS = 2
 MAX_ROLLBACKS = 8
@@ -126,28 +125,6 @@ class Interrupted(Exception):
 
 class _Rollback(Exception):
     pass
-
-
-def _hardware(device: torch.device) -> str:
-    """What the run ran on, in words: GPU model, or CPU model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"{cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -437,11 +414,11 @@ class Trainer:
     def _write_run_info(self) -> None:
         info = {
             "command": sys.argv,
-            "commit": _git_commit(),
+            "commit": git_commit(),
             "torch": torch.__version__,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "hardware": _hardware(self.device),
+            "hardware": hardware(self.device),
             "threads": torch.get_num_threads(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -458,7 +435,7 @@ class Trainer:
             {
                 "from": str(source),
                 "command": sys.argv,
-                "commit": _git_commit(),
+                "commit": git_commit(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
         )
