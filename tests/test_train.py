@@ -119,13 +119,13 @@ def test_diverged_training_is_a_clear_error(capsys, tmp_path, config_file):
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_bf16_training_tracks_fp32(tmp_path, mode):
-    # Trained close to convergence, where the run-to-run differences of a chaotic short
-    # run have settled: bf16 must land within 1% of fp32 (fp32 with another seed differs
-    # by 0.5-1.1% on this problem).
+    # At lr 1 this tiny problem is chaotic: fp32 itself moves by 2-6% with the thread count
+    # or the seed, so nothing can be said about bf16 there. At lr 0.3 training is smooth and
+    # the difference is precision only (measured: 0.06-0.3% over seeds 3-5, 1 and 2 threads).
     from conftest import write_config, write_corpus
 
     config_file = write_config(tmp_path / "c.toml", write_corpus(tmp_path / "corpus", words=4000), mode=mode)
-    settings = ["model.hidden_size=32", "train.max_epochs=10", "train.lr_decay=0.5", "train.lr_decay_start=3"]
+    settings = ["model.hidden_size=32", "train.max_epochs=3", "train.lr=0.3"]
     results = {}
     for precision in ("fp32", "bf16"):
         config = load_config(config_file, [f"train.precision={precision}", *settings])

@@ -4,13 +4,16 @@ measured matmul peak and against a naive reference of the same model.
 The naive reference is what a user would write from the paper: ``nn.LSTM`` +
 ``nn.Linear`` + ``F.cross_entropy`` in fp32, plain (not variational) dropout,
 and the augmented loss taken straight from its definition over the whole
-(tokens × |V|) matrix. Both run on the same batches in the same process.
+(tokens × |V|) matrix; for the RHN it is the micro-step loop written as in
+Zilly et al.'s code (separate H and T products, autograd through the loop).
+Both run on the same batches in the same process.
 Timings are per BPTT window after a warm-up; the reported rate is the median.
 
 FLOPs count the matrix products only (they dominate): per token, forward
-2·(4H)(2H) per LSTM layer + 2H|V| for the decoder (+ 2H|V| per unique target
+2·(4H)(2H) per LSTM layer (RHN: 2·(2H)·H for the input and for each of the D
+micro-steps) + 2H|V| for the decoder (+ 2H|V| per unique target
 for ỹ, computed again in the backward pass), and backward = 2 × forward for
-the LSTM and decoder.
+the recurrence and decoder.
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def _sync(device: torch.device) -> None:
 def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: float) -> float:
     """Matrix-product FLOPs of one training token (forward + backward), see the module docstring."""
     h, v = config.model.hidden_size, vocab_size
-    forward = config.model.num_layers * 2 * (4 * h) * (2 * h) + 2 * h * v
+    if config.model.architecture == "rhn":  # input projection + D micro-steps + decoder
+        forward = 2 * (2 * h) * h * (1 + config.model.depth) + 2 * h * v
+    else:
+        forward = config.model.num_layers * 2 * (4 * h) * (2 * h) + 2 * h * v
     total = 3 * forward
     if config.loss.augmented:
         target_side = unique_fraction * 2 * h * v
@@ -78,12 +84,68 @@ class NaiveReference(nn.Module):
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -config.model.init_range, config.model.init_range)
 
+    def init_state(self, batch_size: int):
+        shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
+        weight = self.embedding.weight
+        return weight.new_zeros(shape), weight.new_zeros(shape)
+
     def forward(self, tokens, state):
         output, state = self.lstm(self.drop(self.embedding(tokens)), state)
         return F.linear(self.drop(output), self.decoder.weight), state  # bias-free; added in the loss
 
 
-def naive_step(model: NaiveReference, optimizer, config: Config, inputs, targets, state):
+class NaiveRHN(nn.Module):
+    """The RHN written the obvious way (as in Zilly et al.'s code): separate H and T products per
+    micro-step, autograd through the loop, the four dropouts drawn with plain tensor ops."""
+
+    def __init__(self, config: Config, vocab_size: int):
+        super().__init__()
+        model = config.model
+        size = model.hidden_size
+        self.config = model
+        self.embedding = nn.Embedding(vocab_size, size)
+        self.input_h, self.input_t = nn.Linear(size, size, bias=False), nn.Linear(size, size, bias=False)
+        self.micro_h = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
+        self.micro_t = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
+        self.decoder = nn.Linear(size, vocab_size, bias=not model.tie_weights)
+        if model.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -model.init_range, model.init_range)
+        for layer in self.micro_t:
+            nn.init.constant_(layer.bias, model.transform_bias)
+
+    def init_state(self, batch_size: int):
+        return (self.embedding.weight.new_zeros(1, batch_size, self.config.hidden_size),)
+
+    def forward(self, tokens, state):
+        config = self.config
+        steps, batch = tokens.shape
+        size = config.hidden_size
+
+        def mask(shape, p):
+            keep = 1.0 - (p if self.training else 0.0)
+            return torch.bernoulli(torch.full(shape, keep, device=tokens.device)) / keep
+
+        words = mask((batch, self.embedding.num_embeddings), config.embedding_dropout)
+        word_mask = words.gather(1, tokens.t()).t().unsqueeze(-1)
+        x = self.embedding(tokens) * word_mask * mask((batch, size), config.input_dropout)
+        h_mask, o_mask = mask((batch, size), config.recurrent_dropout), mask((batch, size), config.output_dropout)
+        s, outputs = state[0][0], []
+        for t in range(steps):
+            for layer in range(config.depth):
+                dropped = s * h_mask
+                g_h, g_t = self.micro_h[layer](dropped), self.micro_t[layer](dropped)
+                if layer == 0:
+                    g_h, g_t = g_h + self.input_h(x[t]), g_t + self.input_t(x[t])
+                gate = torch.sigmoid(g_t)
+                s = torch.tanh(g_h) * gate + s * (1 - gate)
+            outputs.append(s)
+        output = torch.stack(outputs) * o_mask
+        return F.linear(output, self.decoder.weight), (s.unsqueeze(0),)
+
+
+def naive_step(model: nn.Module, optimizer, config: Config, inputs, targets, state):
     """One training step of the reference, the augmented loss from its definition."""
     state = tuple(s.detach() for s in state)
     logits, state = model(inputs, state)
@@ -175,6 +237,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
         "precision": config.train.precision,
+        "architecture": config.model.architecture,
         "dropout_mode": config.model.dropout_mode,
         "augmented": config.loss.augmented,
         "hidden_size": config.model.hidden_size,
@@ -194,10 +257,10 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
     }
     if reference:
         torch.manual_seed(config.seed)
-        naive = NaiveReference(config, vocab_size).to(device).train()
+        naive_class = NaiveRHN if config.model.architecture == "rhn" else NaiveReference
+        naive = naive_class(config, vocab_size).to(device).train()
         optimizer = torch.optim.SGD(naive.parameters(), lr=config.train.lr)
-        shape = (config.model.num_layers, config.data.batch_size, config.model.hidden_size)
-        naive_state = [(torch.zeros(shape, device=device), torch.zeros(shape, device=device))]
+        naive_state = [naive.init_state(config.data.batch_size)]
 
         def naive_window(inputs, targets):
             naive_state[0] = naive_step(naive, optimizer, config, inputs, targets, naive_state[0])
@@ -221,6 +284,7 @@ def format_report(report: dict) -> str:
     if "reference_train_tokens_per_s" in report:
         lines.append(
             f"  reference  {report['reference_train_tokens_per_s']:>10,.0f} tokens/s  "
-            f"(naive nn.LSTM + AL by definition, fp32): tiedlm is {report['speedup_over_reference']:.2f}x"
+            f"(naive {'RHN loop' if report.get('architecture') == 'rhn' else 'nn.LSTM'} + AL by definition, fp32): "
+            f"tiedlm is {report['speedup_over_reference']:.2f}x"
         )
     return "\n".join(lines)

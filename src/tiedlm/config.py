@@ -44,13 +44,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    architecture: str = field(default="lstm", metadata=_choice("lstm"))
+    architecture: str = field(default="lstm", metadata=_choice("lstm", "rhn"))
     hidden_size: int = field(default=200, metadata=_range(1))  # = embedding size (SPEC §4)
     num_layers: int = field(default=2, metadata=_range(1))
     dropout: float = field(default=0.3, metadata=_range(0.0, 1.0, high_open=True))  # drop probability
     dropout_mode: str = field(default="exact", metadata=_choice("exact", "fast"))
     tie_weights: bool = True
     init_range: float = field(default=0.1, metadata=_range(0.0))
+    # RHN only (Zilly et al.; SPEC §4): recurrence depth, the four drop probabilities
+    # (x: whole words, i: input, h: recurrent, o: output) and the transform-gate bias at start.
+    depth: int = field(default=10, metadata=_range(1))
+    embedding_dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, high_open=True))
+    input_dropout: float = field(default=0.75, metadata=_range(0.0, 1.0, high_open=True))
+    recurrent_dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, high_open=True))
+    output_dropout: float = field(default=0.75, metadata=_range(0.0, 1.0, high_open=True))
+    transform_bias: float = -2.0
 
 
 @dataclass
@@ -67,6 +75,7 @@ class TrainConfig:
     lr_decay: float = field(default=0.9, metadata=_range(0.0, 1.0))
     lr_decay_start: int = field(default=5, metadata=_range(1))  # first epoch whose lr is decayed
     clip: float = field(default=5.0, metadata=_range(0.0))  # global gradient norm; 0 = no clipping
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))  # L2 penalty of SGD, on every parameter
     max_epochs: int = field(default=40, metadata=_range(1))
     patience: int = field(default=5, metadata=_range(1))  # epochs without a better validation ppl
     max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split

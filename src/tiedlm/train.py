@@ -107,10 +107,10 @@ class Progress:
 
 @dataclass
 class EpochPosition:
-    """Where an interrupted epoch stopped: the next window, the LSTM state and the running sums."""
+    """Where an interrupted epoch stopped: the next window, the recurrent state and the running sums."""
 
     window: int = 0
-    state: tuple[torch.Tensor, torch.Tensor] | None = None
+    state: tuple[torch.Tensor, ...] | None = None
     sums: tuple[float, float, float] = (0.0, 0.0, 0.0)  # cross-entropy, KL, tokens
     elapsed_s: float = 0.0
 
@@ -125,6 +125,16 @@ class Interrupted(Exception):
 
 class _Rollback(Exception):
     pass
+
+
+def _model_state(tensors: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, ...]:
+    """The recurrent state saved with a mid-epoch checkpoint: state.0, state.1, … (state.h/.c before v0.2)."""
+    if "state.h" in tensors:
+        return tensors["state.h"].to(device), tensors["state.c"].to(device)
+    count = sum(1 for name in tensors if name.startswith("state."))
+    if not count:
+        raise KeyError("state.0")
+    return tuple(tensors[f"state.{index}"].to(device) for index in range(count))
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -213,7 +223,7 @@ class StepResult:
     ce: float  # summed cross-entropy of the window's tokens
     kl: float  # summed KL (0 without the augmented loss)
     tokens: int
-    state: tuple[torch.Tensor, torch.Tensor]
+    state: tuple[torch.Tensor, ...]
     finite: bool  # False: the loss or gradient was NaN/inf and no update was made
 
 
@@ -301,7 +311,9 @@ class Trainer:
         _check_free_space(self.run_dir, self.model)
         self.model.mask_generator = torch.Generator(device=self.device)
         self.model.mask_generator.manual_seed(config.seed)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.train.lr)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
         self.step = TrainingStep(self.model, self.optimizer, config)
         if resume is not None:
             self._restore(checkpoint)
@@ -338,9 +350,9 @@ class Trainer:
             _restore_rng(self.model, tensors)
             window = int(state["data_position"]["window"])
             partial = state.get("epoch_partial", {})
-            lstm_state = (tensors["state.h"].to(self.device), tensors["state.c"].to(self.device)) if window else None
+            model_state = _model_state(tensors, self.device) if window else None
             self.position = EpochPosition(
-                window, lstm_state, tuple(partial.get("sums", (0.0, 0.0, 0.0))), partial.get("elapsed_s", 0.0)
+                window, model_state, tuple(partial.get("sums", (0.0, 0.0, 0.0))), partial.get("elapsed_s", 0.0)
             )
         except (KeyError, TypeError, ValueError, RuntimeError):
             raise TiedlmError(f"--resume: the trainer state in {checkpoint.path} is incomplete") from None
@@ -378,7 +390,7 @@ class Trainer:
         tensors = _rng_tensors(self.model)
         if position is not None and window:
             trainer_state["epoch_partial"] = {"sums": list(position.sums), "elapsed_s": position.elapsed_s}
-            tensors["state.h"], tensors["state.c"] = position.state
+            tensors.update({f"state.{index}": part for index, part in enumerate(position.state)})
         folder = self.run_dir / "checkpoints" / checkpoint_name(self.progress.epoch, window)
         save_checkpoint(folder, self.model, self.config, self.corpus.vocab, trainer_state, tensors)
         if improved:

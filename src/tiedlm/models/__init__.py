@@ -1,12 +1,17 @@
 """Language-model architectures. Each returns ``(logits, new_state)`` from ``forward``."""
 
+from torch import nn
+
 from tiedlm.config import ModelConfig
 from tiedlm.models.lstm import LSTMLanguageModel
+from tiedlm.models.rhn import RHNLanguageModel
+
+ARCHITECTURES = {"lstm": LSTMLanguageModel, "rhn": RHNLanguageModel}
 
 
-def build_model(config: ModelConfig, vocab_size: int) -> LSTMLanguageModel:
+def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
     """The model a config names, freshly initialised (call ``torch.manual_seed`` first)."""
-    return LSTMLanguageModel(config, vocab_size)
+    return ARCHITECTURES[config.architecture](config, vocab_size)
 
 
-__all__ = ["LSTMLanguageModel", "build_model"]
+__all__ = ["LSTMLanguageModel", "RHNLanguageModel", "build_model"]
