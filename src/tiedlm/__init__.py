@@ -7,6 +7,7 @@ and the augmented loss (AL) on a variational-dropout LSTM (VD-LSTM).
 
 __version__ = "0.1.0"
 
+from tiedlm.api import LanguageModel, Scores  # noqa: E402
 from tiedlm.loss import AugmentedLoss, augmented_kl  # noqa: E402
 
-__all__ = ["AugmentedLoss", "augmented_kl", "__version__"]
+__all__ = ["AugmentedLoss", "LanguageModel", "Scores", "augmented_kl", "__version__"]

@@ -36,32 +36,58 @@ def generate(
     samples from softmax(logits / temperature), restricted to the ``top_k`` most
     likely words when top_k > 0; temperature 0 picks the most likely word.
     """
+    [(out, unknown)] = generate_batch(model, vocab, [prompt], words, temperature, top_k, seed)
+    return out, unknown
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    prompts: list[str],
+    words: int = 50,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> list[tuple[list[str], list[str]]]:
+    """:func:`generate` for several prompts at once: each prompt is read on its own, then all are
+    sampled together, one batched step per word. Returns (words, unknown prompt words) per prompt."""
     if temperature < 0:
         raise TiedlmError(f"--temperature must be ≥ 0, got {temperature}")
     if top_k < 0:
         raise TiedlmError(f"--top-k must be ≥ 0, got {top_k}")
+    if not prompts:
+        return []
     model.eval()
     device = next(model.parameters()).device
-    ids, unknown = encode_words(vocab, prompt.split(), "--prompt")
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
-    inputs = torch.tensor([vocab.stoi[EOS], *ids], device=device).unsqueeze(1)  # (T, 1)
-    state = model.init_state(1)
-    out: list[int] = []
-    for _ in range(words):
-        logits, state = model(inputs, state)
-        last = logits[-1, 0].float()  # (|V|,)
+    lasts, states, unknowns = [], [], []
+    for prompt in prompts:  # prompts differ in length: read each from its own sentence start
+        ids, unknown = encode_words(vocab, prompt.split(), "--prompt")
+        inputs = torch.tensor([vocab.stoi[EOS], *ids], device=device).unsqueeze(1)  # (T, 1)
+        logits, state = model(inputs, model.init_state(1))
+        lasts.append(logits[-1].float())
+        states.append(state)
+        unknowns.append(unknown)
+    last = torch.cat(lasts)  # (P, |V|)
+    state = tuple(torch.cat(parts, dim=1) for parts in zip(*states, strict=True))
+    out = []
+    for step in range(words):
         if temperature == 0:
-            choice = int(last.argmax())
+            choice = last.argmax(dim=-1)
         else:
             if top_k:
-                threshold = torch.topk(last, min(top_k, last.numel())).values[-1]
+                threshold = torch.topk(last, min(top_k, last.size(-1)), dim=-1).values[:, -1:]
                 last = last.masked_fill(last < threshold, float("-inf"))
             probs = torch.softmax(last / temperature, dim=-1)
-            choice = int(torch.multinomial(probs, 1, generator=generator))
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         out.append(choice)
-        inputs = torch.tensor([[choice]], device=device)
-    return vocab.decode(out), unknown
+        if step + 1 < words:
+            logits, state = model(choice.unsqueeze(0), state)
+            last = logits[-1].float()
+    sampled = torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
+    return [(vocab.decode(row), unknown) for row, unknown in zip(sampled, unknowns, strict=True)]
 
 
 def format_words(words: list[str]) -> str:
