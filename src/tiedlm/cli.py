@@ -147,9 +147,22 @@ def _device(name: str = "auto"):
 
 
 def _cmd_train(args) -> int:
+    from tiedlm.distributed import leave_world, world_from_env
+
+    world = world_from_env()
+    try:
+        return _train(args, world)
+    finally:
+        leave_world(world)
+
+
+def _train(args, world) -> int:
+    import torch
+
     from tiedlm.checkpoint import MODEL_FILE, load_checkpoint, load_latest_good
     from tiedlm.config import apply_overrides, config_from_dict, load_config
-    from tiedlm.train import Interrupted, Trainer
+    from tiedlm.distributed import init_world
+    from tiedlm.train import Interrupted, Trainer, resolve_device
 
     if args.config is None and args.resume is None:
         raise TiedlmError("train: give a CONFIG, or --resume DIR")
@@ -171,16 +184,20 @@ def _cmd_train(args) -> int:
             for text in args.overrides:
                 config_from_dict(apply_overrides(saved, [text]), f"--set {text!r}")
             config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source.path}")
-        trainer = Trainer(config, run_dir, resume=resume)
     else:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / config.name
-        trainer = Trainer(config, run_dir)
+    device = resolve_device(config.train.device)
+    init_world(world, torch.device("cuda", world.local_rank) if device.type == "cuda" else device)
+    trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
     try:
         report = trainer.fit()
     except Interrupted as stop:
-        print(f"tiedlm: {stop}; continue with: tiedlm train --resume {run_dir}", file=sys.stderr)
+        if world.main:
+            print(f"tiedlm: {stop}; continue with: tiedlm train --resume {run_dir}", file=sys.stderr)
         return stop.exit_code
+    if not world.main:
+        return 0
     print(json.dumps(report))
     print(
         f"best epoch {report['best_epoch']}: valid perplexity {report['valid_ppl']:.2f}, "

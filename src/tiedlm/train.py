@@ -59,6 +59,7 @@ from tiedlm.checkpoint import (
 )
 from tiedlm.config import Config, TrainConfig
 from tiedlm.data import batchify, bptt_windows, detach_state, load_corpus, num_windows
+from tiedlm.distributed import World, check_batch
 from tiedlm.errors import TiedlmError
 from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
@@ -225,48 +226,62 @@ class StepResult:
     tokens: int
     state: tuple[torch.Tensor, ...]
     finite: bool  # False: the loss or gradient was NaN/inf and no update was made
+    stop: bool = False  # some rank was asked to stop (all ranks agree)
 
 
 class TrainingStep:
     """One optimisation step on one BPTT window: forward, loss, backward, clipping, SGD update.
 
-    The objective is Σ_t Σ_b J_tb / B (summed over time, averaged over the batch).
+    The objective is Σ_t Σ_b J_tb / B (summed over time, averaged over the batch). Under data
+    parallelism ``forward`` is the DistributedDataParallel wrapper, each rank averages over its
+    own B/N streams, and the reported sums are over all ranks.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Config):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        world: World | None = None,
+        forward: torch.nn.Module | None = None,
+    ):
         self.model, self.optimizer = model, optimizer
+        self.world = world or World()
+        self.forward = forward or model
         loss = config.loss
         self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
-        self.batch_size = config.data.batch_size
+        self.batch_size = config.data.batch_size // self.world.size
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
         self.precision = config.train.precision
 
     def window_loss(self, inputs, targets, state):
         """Per-token cross-entropy (and KL with the augmented loss) of one window."""
-        model = self.model
+        model, forward = self.model, self.forward
         flat_targets = targets.flatten()
         with autocast(inputs.device, self.precision):
             if self.augmented is None:
-                logits, state = model(inputs, state)
+                logits, state = forward(inputs, state)
                 return cross_entropy(logits.flatten(0, 1), flat_targets), None, state
-            logits, state = model(inputs, state, include_bias=False)  # AL needs the bias-free W·h
+            logits, state = forward(inputs, state, include_bias=False)  # AL needs the bias-free W·h
             ce, kl = self.augmented.components(
                 logits.flatten(0, 1), flat_targets, model.embedding.weight, model.output_bias
             )
         return ce, kl, state
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state) -> StepResult:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state, stop: bool = False) -> StepResult:
         ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
         objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
         self.optimizer.zero_grad(set_to_none=True)
-        (objective / self.batch_size).backward()
+        (objective / self.batch_size).backward()  # DDP averages the gradients over the ranks here
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         kl_sum = objective.new_zeros(()) if kl is None else kl.sum()
-        ce_sum, kl_sum, total, norm = torch.stack([ce.sum(), kl_sum, objective, grad_norm]).tolist()  # one sync
-        finite = math.isfinite(total) and math.isfinite(norm)
+        flags = objective.new_tensor([float(stop), float(targets.numel())])
+        stats = torch.cat([torch.stack([ce.sum(), kl_sum, objective, grad_norm]).float(), flags.float()])
+        ce_sum, kl_sum, total, norm, stops, tokens = self.world.all_reduce_sum(stats).tolist()  # one sync
+        finite = math.isfinite(total) and math.isfinite(norm)  # the same decision on every rank
         if finite:
             self.optimizer.step()
-        return StepResult(ce_sum, kl_sum, targets.numel(), new_state, finite)
+        return StepResult(ce_sum, kl_sum, int(tokens), new_state, finite, stops > 0)
 
 
 class Trainer:
@@ -276,18 +291,27 @@ class Trainer:
     newer ones are skipped with a note) or one checkpoint folder.
     """
 
-    def __init__(self, config: Config, run_dir: Path, *, resume: Path | None = None, echo=print):
-        self.run_dir, self.echo, self.config = Path(run_dir), echo, config
+    def __init__(
+        self, config: Config, run_dir: Path, *, resume: Path | None = None, echo=print, world: World | None = None
+    ):
+        self.run_dir, self.config = Path(run_dir), config
+        self.world = world or World()
+        self.echo = echo if self.world.main else (lambda *args, **kwargs: None)
         self.device = resolve_device(config.train.device)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
+        check_batch(self.world, config.data.batch_size)
         self.stop_signal: int | None = None
         self.position = EpochPosition()
-        if resume is None and (run_checkpoints(self.run_dir) or _has_metrics(self.run_dir)):
-            raise TiedlmError(
-                f"--out {self.run_dir}: already holds a run; continue it with --resume {self.run_dir} "
-                "or pick another --out"
-            )
-        _check_writable(self.run_dir)
-        self.lock = RunLock(self.run_dir)
+        self.lock: RunLock | None = None
+        if self.world.main:  # only rank 0 owns (and writes) the run folder
+            if resume is None and (run_checkpoints(self.run_dir) or _has_metrics(self.run_dir)):
+                raise TiedlmError(
+                    f"--out {self.run_dir}: already holds a run; continue it with --resume {self.run_dir} "
+                    "or pick another --out"
+                )
+            _check_writable(self.run_dir)
+            self.lock = RunLock(self.run_dir)
         self._previous_handlers = self._install_signal_handlers()  # before anything is written
         try:
             self._setup(resume)
@@ -296,9 +320,11 @@ class Trainer:
             raise
 
     def _setup(self, resume: Path | None) -> None:
-        config = self.config
-        for path in remove_stale(self.run_dir):
-            _say(f"removed {path}, left by an interrupted write")
+        config, world = self.config, self.world
+        if world.main:
+            for path in remove_stale(self.run_dir):
+                _say(f"removed {path}, left by an interrupted write")
+        world.barrier()
         if resume is not None:
             checkpoint = self._find_resume_checkpoint(Path(resume))
             _check_resume_config(checkpoint.config, config)
@@ -308,23 +334,34 @@ class Trainer:
             self.corpus = load_corpus(config.data.corpus)
             torch.manual_seed(config.seed)
             self.model = build_model(config.model, len(self.corpus.vocab)).to(self.device)
-        _check_free_space(self.run_dir, self.model)
+        if world.main:
+            _check_free_space(self.run_dir, self.model)
         self.model.mask_generator = torch.Generator(device=self.device)
-        self.model.mask_generator.manual_seed(config.seed)
+        self.model.mask_generator.manual_seed(config.seed)  # the same on every rank (see distributed.py)
+        self.model.mask_batch = world.batch_slice(config.data.batch_size)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
         )
-        self.step = TrainingStep(self.model, self.optimizer, config)
+        self.forward: torch.nn.Module = self.model
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.step = TrainingStep(self.model, self.optimizer, config, world, self.forward)
         if resume is not None:
             self._restore(checkpoint)
-            self._truncate_metrics(self.progress.epoch)
-            self._repair_best()
-            self._record_resume(checkpoint.path)
-            _say(f"resuming {self.run_dir} from {checkpoint.path}")
+            if world.main:
+                self._truncate_metrics(self.progress.epoch)
+                self._repair_best()
+                self._record_resume(checkpoint.path)
+                _say(f"resuming {self.run_dir} from {checkpoint.path}")
         else:
             self.progress = Progress()
-            self._write_run_info()
+            if world.main:
+                self._write_run_info()
             self.save_checkpoint()  # epoch-0000: a good state to roll back to from the start
+        world.barrier()
 
     # --- checkpoints and resume ----------------------------------------------------------------------------
 
@@ -350,7 +387,7 @@ class Trainer:
             _restore_rng(self.model, tensors)
             window = int(state["data_position"]["window"])
             partial = state.get("epoch_partial", {})
-            model_state = _model_state(tensors, self.device) if window else None
+            model_state = self.world.local_state(_model_state(tensors, self.device)) if window else None
             self.position = EpochPosition(
                 window, model_state, tuple(partial.get("sums", (0.0, 0.0, 0.0))), partial.get("elapsed_s", 0.0)
             )
@@ -380,7 +417,19 @@ class Trainer:
             _say(f"warning: {best} does not hold epoch {epoch} and that checkpoint is gone")
 
     def save_checkpoint(self, position: EpochPosition | None = None, improved: bool = False) -> Path:
-        """Write the checkpoint at the current position, update best/, keep the last two."""
+        """Write the checkpoint at the current position, update best/, keep the last two.
+
+        Every rank calls it (the recurrent state is gathered from all of them); rank 0 writes.
+        """
+        window = position.window if position else 0
+        state = self.world.gather_state(position.state) if position is not None and window else None
+        folder = self.run_dir / "checkpoints" / checkpoint_name(self.progress.epoch, window)
+        if self.world.main:
+            self._write_checkpoint(folder, position, state, improved)
+        self.world.barrier()
+        return folder
+
+    def _write_checkpoint(self, folder: Path, position: EpochPosition | None, state, improved: bool) -> None:
         window = position.window if position else 0
         trainer_state = {
             "progress": self.progress.to_dict(),
@@ -390,14 +439,12 @@ class Trainer:
         tensors = _rng_tensors(self.model)
         if position is not None and window:
             trainer_state["epoch_partial"] = {"sums": list(position.sums), "elapsed_s": position.elapsed_s}
-            tensors.update({f"state.{index}": part for index, part in enumerate(position.state)})
-        folder = self.run_dir / "checkpoints" / checkpoint_name(self.progress.epoch, window)
+            tensors.update({f"state.{index}": part for index, part in enumerate(state)})
         save_checkpoint(folder, self.model, self.config, self.corpus.vocab, trainer_state, tensors)
         if improved:
             link_checkpoint(folder, self.run_dir / "best")
         for old in run_checkpoints(self.run_dir)[:-KEEP_CHECKPOINTS]:
             remove_dir(old)
-        return folder
 
     def _rollback(self) -> None:
         if self.progress.rollbacks >= MAX_ROLLBACKS:
@@ -415,7 +462,8 @@ class Trainer:
             _say(f"skipping a damaged checkpoint: {note}")
         self._restore(checkpoint, lr_scale=lr_scale)
         self.progress.rollbacks, self.progress.skipped_steps = rollbacks, skipped
-        self._truncate_metrics(self.progress.epoch)
+        if self.world.main:
+            self._truncate_metrics(self.progress.epoch)
         _say(
             f"{self.config.train.nonfinite_patience} non-finite steps in a row: restored {checkpoint.path} "
             f"and halved the learning rate (scale {lr_scale:g})"
@@ -464,6 +512,8 @@ class Trainer:
             write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.world.main:
+            return
         line = json.dumps(record)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
@@ -489,7 +539,8 @@ class Trainer:
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     # --- training ------------------------------------------------------------------------------------------
 
@@ -497,8 +548,9 @@ class Trainer:
         """One pass over the training split (from ``self.position`` on); returns mean CE, KL and tokens."""
         config, model = self.config, self.model
         model.train()
-        batch_size, bptt = config.data.batch_size, config.data.bptt
-        source = batchify(self.corpus.train, batch_size).to(self.device)
+        bptt, world = config.data.bptt, self.world
+        source = world.shard(batchify(self.corpus.train, config.data.batch_size)).to(self.device)
+        batch_size = source.size(1)  # this rank's streams
         windows = num_windows(source, bptt)
         if config.train.max_steps_per_epoch:
             windows = min(windows, config.train.max_steps_per_epoch)
@@ -509,12 +561,14 @@ class Trainer:
         began = time.perf_counter() - start.elapsed_s
         bar = tqdm(
             total=windows * bptt * batch_size, initial=start.window * bptt * batch_size, desc=f"epoch {epoch}",
-            unit="tok", unit_scale=True, disable=None, leave=False, dynamic_ncols=True,
+            unit="tok", unit_scale=True, disable=None if world.main else True, leave=False, dynamic_ncols=True,
         )  # fmt: skip
         for step, (inputs, targets) in enumerate(bptt_windows(source, bptt, start=start.window), start.window):
             if step == windows:
                 break
-            result = self.step(inputs, targets, state)
+            result = self.step(inputs, targets, state, stop=self.stop_signal is not None)
+            if result.stop and self.stop_signal is None:  # another rank was signalled: stop together
+                self.stop_signal = signal.SIGTERM
             if result.finite:
                 state, bad_in_a_row = result.state, 0
                 sums[0] += result.ce
@@ -528,10 +582,13 @@ class Trainer:
                 if bad_in_a_row >= config.train.nonfinite_patience:
                     bar.close()
                     raise _Rollback()
-            bar.update(targets.numel())
+            bar.update(targets.numel() * world.size)
             if step % 10 == 0 and sums[2]:
                 bar.set_postfix(ppl=f"{perplexity(sums[0] / sums[2]):.1f}", refresh=False)
-            if self.stop_signal is not None:
+            # Under data parallelism only the ranks' agreement counts (result.stop), so that all
+            # of them stop after the same window; one process also stops for a signal that
+            # arrived during this step.
+            if result.stop or (not world.distributed and self.stop_signal is not None):
                 bar.close()
                 position = EpochPosition(step + 1, detach_state(state), tuple(sums), time.perf_counter() - began)
                 raise Interrupted(self.stop_signal, self.save_checkpoint(position))
@@ -544,18 +601,26 @@ class Trainer:
         """Train until max_epochs or early stopping, then report best/ on valid and test."""
         try:
             while not self._finished():
-                if self.stop_signal is not None:  # arrived during set-up, validation or a checkpoint write
+                if self._stop_agreed():  # arrived during set-up, validation or a checkpoint write
                     raise Interrupted(self.stop_signal, run_checkpoints(self.run_dir)[-1])
                 try:
                     self._run_epoch()
                 except _Rollback:
                     self._rollback()
             report = self.final_report()
-            if self.stop_signal is not None:  # arrived during the final evaluation: the run is complete
+            if self._stop_agreed():  # arrived during the final evaluation: the run is complete
                 raise Interrupted(self.stop_signal, run_checkpoints(self.run_dir)[-1])
             return report
         finally:
             self._release()
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank has been asked to stop (in one process: whether this one has)."""
+        if self.world.distributed:
+            flag = torch.tensor([float(self.stop_signal is not None)], device=self.device)
+            if self.world.all_reduce_sum(flag).item() > 0 and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM
+        return self.stop_signal is not None
 
     def _finished(self) -> bool:
         return self._stop_reason() is not None
@@ -628,5 +693,7 @@ class Trainer:
             "paper_test_ppl": self.config.paper.test,
             "elapsed_s": self.progress.elapsed_s,
         }
-        write_text_atomic(self.run_dir / "final.json", json.dumps(report, indent=2) + "\n")
+        if self.world.main:
+            write_text_atomic(self.run_dir / "final.json", json.dumps(report, indent=2) + "\n")
+        self.world.barrier()
         return report

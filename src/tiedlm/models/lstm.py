@@ -48,6 +48,9 @@ class LSTMLanguageModel(nn.Module):
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -config.init_range, config.init_range)
         self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
+        # Under data parallelism: (start, stop, B). Masks are drawn for all B streams and rows
+        # start:stop kept, so every rank sees the masks one process would (see distributed.py).
+        self.mask_batch: tuple[int, int, int] | None = None
 
     @property
     def output_bias(self) -> torch.Tensor | None:
@@ -77,15 +80,16 @@ class LSTMLanguageModel(nn.Module):
 
     def sample_masks(self, rows: int, device, dtype) -> list[torch.Tensor]:
         """Masks m_0 (inputs) and m_1..m_n (layer outputs), each (rows, H)."""
+        start, stop, draw = (0, rows, rows) if rows == 1 or self.mask_batch is None else self.mask_batch
         return [
             variational_mask(
-                rows,
+                draw,
                 self.config.hidden_size,
                 self.config.dropout,
                 generator=self.mask_generator,
                 device=device,
                 dtype=dtype,
-            )
+            )[start:stop]
             for _ in range(self.config.num_layers + 1)
         ]
 

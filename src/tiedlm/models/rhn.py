@@ -56,6 +56,7 @@ class RHNLanguageModel(nn.Module):
         with torch.no_grad():
             self.recurrent_bias[:, size:].fill_(config.transform_bias)
         self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
+        self.mask_batch: tuple[int, int, int] | None = None  # (start, stop, B) under data parallelism
 
     @property
     def output_bias(self) -> torch.Tensor | None:
@@ -69,9 +70,11 @@ class RHNLanguageModel(nn.Module):
         config, device = self.config, tokens.device
         rows = 1 if config.dropout_mode == "fast" else tokens.size(1)
         vocab_size, size = self.embedding.num_embeddings, config.hidden_size
+        start, stop, draw = (0, rows, rows) if rows == 1 or self.mask_batch is None else self.mask_batch
 
         def mask(features: int, p: float) -> torch.Tensor:
-            return variational_mask(rows, features, p, generator=self.mask_generator, device=device, dtype=dtype)
+            drawn = variational_mask(draw, features, p, generator=self.mask_generator, device=device, dtype=dtype)
+            return drawn[start:stop]
 
         word_mask = mask(vocab_size, config.embedding_dropout)  # (rows, |V|): one draw per word type
         columns = torch.arange(tokens.size(1), device=device) if rows > 1 else torch.zeros_like(tokens[0])
