@@ -91,6 +91,11 @@ def _build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--rerun", action="store_true", help="train again even where a run finished")
     reproduce.add_argument("--collect-only", action="store_true", help="train nothing; write the results")
 
+    plot = commands.add_parser("plot", help="PNG of train/valid perplexity against epochs and wall time")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
+    plot.add_argument("--labels", help="comma-separated legend labels, one per run (default: folder names)")
+
     analyze = commands.add_parser("analyze", help="the paper's analyses: subspace, predictions, neighbours")
     analyses = analyze.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
     subspace = analyses.add_parser("subspace", help="distance of W from span(L) under β·τ²|V|·J_aug + (1−β)·J")
@@ -324,6 +329,17 @@ def _cmd_reproduce(args) -> int:
     return code or 0
 
 
+def _cmd_plot(args) -> None:
+    from tiedlm.plot import plot_runs
+
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.runs):
+        raise TiedlmError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    if not args.out.endswith(".png"):
+        raise TiedlmError(f"--out {args.out}: expected a .png file name")
+    print(f"wrote {plot_runs([Path(r) for r in args.runs], Path(args.out), labels)}")
+
+
 def _cmd_analyze(args) -> None:
     {"subspace": _analyze_subspace, "predictions": _analyze_predictions, "neighbours": _analyze_neighbours}[
         args.analysis
@@ -476,6 +492,7 @@ COMMANDS = {
     "bench": _cmd_bench,
     "reproduce": _cmd_reproduce,
     "analyze": _cmd_analyze,
+    "plot": _cmd_plot,
 }
 
 

@@ -128,6 +128,15 @@ class _Rollback(Exception):
     pass
 
 
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter when the ``tensorboard`` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the optional `tensorboard` extra is not installed
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def _model_state(tensors: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, ...]:
     """The recurrent state saved with a mid-epoch checkpoint: state.0, state.1, … (state.h/.c before v0.2)."""
     if "state.h" in tensors:
@@ -304,6 +313,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self.position = EpochPosition()
         self.lock: RunLock | None = None
+        self.tensorboard = None
         if self.world.main:  # only rank 0 owns (and writes) the run folder
             if resume is None and (run_checkpoints(self.run_dir) or _has_metrics(self.run_dir)):
                 raise TiedlmError(
@@ -312,6 +322,8 @@ class Trainer:
                 )
             _check_writable(self.run_dir)
             self.lock = RunLock(self.run_dir)
+            if config.train.tensorboard:
+                self.tensorboard = tensorboard_writer(self.run_dir / "tensorboard")
         self._previous_handlers = self._install_signal_handlers()  # before anything is written
         try:
             self._setup(resume)
@@ -514,6 +526,11 @@ class Trainer:
     def _log_metrics(self, record: dict[str, Any]) -> None:
         if not self.world.main:
             return
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["epoch"])
+            self.tensorboard.flush()
         line = json.dumps(record)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
@@ -541,6 +558,9 @@ class Trainer:
         self._previous_handlers = {}
         if self.lock is not None:
             self.lock.release()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     # --- training ------------------------------------------------------------------------------------------
 
@@ -560,7 +580,8 @@ class Trainer:
         bad_in_a_row = 0
         began = time.perf_counter() - start.elapsed_s
         bar = tqdm(
-            total=windows * bptt * batch_size, initial=start.window * bptt * batch_size, desc=f"epoch {epoch}",
+            total=windows * bptt * batch_size * world.size, initial=start.window * bptt * batch_size * world.size,
+            desc=f"epoch {epoch}/{config.train.max_epochs}",
             unit="tok", unit_scale=True, disable=None if world.main else True, leave=False, dynamic_ncols=True,
         )  # fmt: skip
         for step, (inputs, targets) in enumerate(bptt_windows(source, bptt, start=start.window), start.window):
@@ -584,7 +605,8 @@ class Trainer:
                     raise _Rollback()
             bar.update(targets.numel() * world.size)
             if step % 10 == 0 and sums[2]:
-                bar.set_postfix(ppl=f"{perplexity(sums[0] / sums[2]):.1f}", refresh=False)
+                running = f"{perplexity(sums[0] / sums[2]):.1f}"
+                bar.set_postfix(ppl=running, run_left=self._run_eta(epoch), refresh=False)
             # Under data parallelism only the ranks' agreement counts (result.stop), so that all
             # of them stop after the same window; one process also stops for a signal that
             # arrived during this step.
@@ -596,6 +618,14 @@ class Trainer:
         self.position = EpochPosition()
         tokens = max(sums[2], 1.0)
         return {"ce": sums[0] / tokens, "kl": sums[1] / tokens, "tokens": sums[2], "s": time.perf_counter() - began}
+
+    def _run_eta(self, epoch: int) -> str:
+        """Time left for the epochs after this one, at most (early stopping may end sooner)."""
+        remaining = self.config.train.max_epochs - epoch
+        if not self.progress.last_epoch_s or remaining <= 0:
+            return "?" if remaining > 0 else "0m"
+        minutes = remaining * self.progress.last_epoch_s / 60
+        return f"≤{minutes / 60:.1f}h" if minutes >= 90 else f"≤{minutes:.0f}m"
 
     def fit(self) -> dict[str, Any]:
         """Train until max_epochs or early stopping, then report best/ on valid and test."""

@@ -1,0 +1,65 @@
+"""`tiedlm plot`: training and validation perplexity of one or more runs, against epochs and wall time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tiedlm.errors import TiedlmError
+
+
+def read_run_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch records of RUN/metrics.jsonl; a one-line error if there are none."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise TiedlmError(f"{run_dir}: not a run folder (no metrics.jsonl)")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise TiedlmError(f"{path}:{number}: not a JSON line") from None
+        if isinstance(record, dict) and "valid_ppl" in record and "epoch" in record:
+            records.append(record)
+    if not records:
+        raise TiedlmError(f"{path}: no finished epoch yet")
+    return records
+
+
+def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+    """Write a PNG: perplexity against epoch (left) and wall time (right); solid valid, dashed train."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(d), read_run_metrics(Path(d))) for d in run_dirs]
+    labels = labels or [d.name if d.name not in ("", ".") else str(d) for d, _ in runs]
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for index, ((_, records), label) in enumerate(zip(runs, labels, strict=True)):
+        color = f"C{index % 10}"
+        epochs = [r["epoch"] for r in records]
+        minutes = [r["elapsed_s"] / 60 for r in records]
+        valid = [r["valid_ppl"] for r in records]
+        train = [r["train_ppl"] for r in records]
+        for ax, xs in ((by_epoch, epochs), (by_time, minutes)):
+            ax.plot(xs, valid, color=color, marker=".", label=f"{label} valid")
+            ax.plot(xs, train, color=color, linestyle="--", alpha=0.6, label=f"{label} train")
+    by_epoch.set_xlabel("epoch")
+    by_time.set_xlabel("wall time (minutes, training + validation)")
+    by_epoch.set_ylabel("perplexity")
+    for ax in (by_epoch, by_time):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    by_time.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
