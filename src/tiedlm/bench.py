@@ -31,7 +31,7 @@ from tiedlm.config import Config
 from tiedlm.data import batchify, bptt_windows, load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.models import build_model
-from tiedlm.train import TrainingStep, resolve_device
+from tiedlm.train import TrainingStep, make_optimizer, resolve_device
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 6) -> float:
@@ -58,6 +58,9 @@ def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: f
     h, v = config.model.hidden_size, vocab_size
     if config.model.architecture == "rhn":  # input projection + D micro-steps + decoder
         forward = 2 * (2 * h) * h * (1 + config.model.depth) + 2 * h * v
+    elif config.model.architecture == "transformer":  # per layer: QKV + output (4h²), FFN (8h²), attention
+        context = config.model.context_size + config.data.bptt / 2
+        forward = config.model.num_layers * (2 * 12 * h * h + 2 * 2 * context * h) + 2 * h * v
     else:
         forward = config.model.num_layers * 2 * (4 * h) * (2 * h) + 2 * h * v
     total = 3 * forward
@@ -205,7 +208,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, vocab_size).to(device).train()
-    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=config.train.lr), config)
+    step = TrainingStep(model, make_optimizer(model, config.train), config)
     state = [model.init_state(config.data.batch_size)]
 
     def train_window(inputs, targets):
@@ -255,7 +258,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
         "matmul_peak_gflops": peaks,
         "fraction_of_peak": achieved / peaks[config.train.precision],
     }
-    if reference:
+    if reference and config.model.architecture != "transformer":  # no naive reference for the transformer
         torch.manual_seed(config.seed)
         naive_class = NaiveRHN if config.model.architecture == "rhn" else NaiveReference
         naive = naive_class(config, vocab_size).to(device).train()

@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    architecture: str = field(default="lstm", metadata=_choice("lstm", "rhn"))
+    architecture: str = field(default="lstm", metadata=_choice("lstm", "rhn", "transformer"))
     hidden_size: int = field(default=200, metadata=_range(1))  # = embedding size (SPEC §4)
     num_layers: int = field(default=2, metadata=_range(1))
     dropout: float = field(default=0.3, metadata=_range(0.0, 1.0, high_open=True))  # drop probability
@@ -59,6 +59,9 @@ class ModelConfig:
     recurrent_dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, high_open=True))
     output_dropout: float = field(default=0.75, metadata=_range(0.0, 1.0, high_open=True))
     transform_bias: float = -2.0
+    # Transformer only: attention heads, and how many previous tokens a window attends to.
+    num_heads: int = field(default=4, metadata=_range(1))
+    context_size: int = field(default=64, metadata=_range(0))
 
 
 @dataclass
@@ -75,7 +78,8 @@ class TrainConfig:
     lr_decay: float = field(default=0.9, metadata=_range(0.0, 1.0))
     lr_decay_start: int = field(default=5, metadata=_range(1))  # first epoch whose lr is decayed
     clip: float = field(default=5.0, metadata=_range(0.0))  # global gradient norm; 0 = no clipping
-    weight_decay: float = field(default=0.0, metadata=_range(0.0))  # L2 penalty of SGD, on every parameter
+    optimizer: str = field(default="sgd", metadata=_choice("sgd", "adamw"))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))  # SGD: L2 penalty; AdamW: decoupled decay
     max_epochs: int = field(default=40, metadata=_range(1))
     patience: int = field(default=5, metadata=_range(1))  # epochs without a better validation ppl
     max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split

@@ -83,6 +83,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (the paper's) or AdamW, over every parameter, at ``config.lr`` (the schedule sets it per epoch)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """lr of 1-based ``epoch``: constant, then ×lr_decay per epoch from epoch lr_decay_start on."""
     return config.lr * config.lr_decay ** max(0, epoch - config.lr_decay_start + 1)
@@ -126,6 +133,32 @@ class Interrupted(Exception):
 
 class _Rollback(Exception):
     pass
+
+
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An optimizer state_dict as JSON plus tensors ("optim.<param>.<key>"), e.g. AdamW's moments."""
+    plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    tensors = {}
+    for index, values in state["state"].items():
+        entry = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+                entry[key] = {"tensor": f"optim.{index}.{key}"}
+            else:
+                entry[key] = value
+        plain["state"][str(index)] = entry
+    return plain, tensors
+
+
+def join_optimizer_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state = {}
+    for index, values in plain.get("state", {}).items():
+        state[int(index)] = {
+            key: tensors[value["tensor"]] if isinstance(value, dict) and "tensor" in value else value
+            for key, value in values.items()
+        }
+    return {"param_groups": plain["param_groups"], "state": state}
 
 
 def tensorboard_writer(log_dir: Path):
@@ -351,9 +384,7 @@ class Trainer:
         self.model.mask_generator = torch.Generator(device=self.device)
         self.model.mask_generator.manual_seed(config.seed)  # the same on every rank (see distributed.py)
         self.model.mask_batch = world.batch_slice(config.data.batch_size)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
-        )
+        self.optimizer = make_optimizer(self.model, config.train)
         self.forward: torch.nn.Module = self.model
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -395,7 +426,7 @@ class Trainer:
         state, tensors = checkpoint.trainer_state, checkpoint.trainer_tensors
         try:
             self.progress = Progress(**state["progress"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(join_optimizer_state(state["optimizer"], tensors))
             _restore_rng(self.model, tensors)
             window = int(state["data_position"]["window"])
             partial = state.get("epoch_partial", {})
@@ -443,12 +474,13 @@ class Trainer:
 
     def _write_checkpoint(self, folder: Path, position: EpochPosition | None, state, improved: bool) -> None:
         window = position.window if position else 0
+        optimizer_json, optimizer_tensors = split_optimizer_state(self.optimizer.state_dict())
         trainer_state = {
             "progress": self.progress.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_json,
             "data_position": {"epoch": self.progress.epoch + 1, "window": window},
         }
-        tensors = _rng_tensors(self.model)
+        tensors = _rng_tensors(self.model) | optimizer_tensors
         if position is not None and window:
             trainer_state["epoch_partial"] = {"sums": list(position.sums), "elapsed_s": position.elapsed_s}
             tensors.update({f"state.{index}": part for index, part in enumerate(state)})

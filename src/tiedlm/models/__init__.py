@@ -5,8 +5,9 @@ from torch import nn
 from tiedlm.config import ModelConfig
 from tiedlm.models.lstm import LSTMLanguageModel
 from tiedlm.models.rhn import RHNLanguageModel
+from tiedlm.models.transformer import TransformerLanguageModel
 
-ARCHITECTURES = {"lstm": LSTMLanguageModel, "rhn": RHNLanguageModel}
+ARCHITECTURES = {"lstm": LSTMLanguageModel, "rhn": RHNLanguageModel, "transformer": TransformerLanguageModel}
 
 
 def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
@@ -14,4 +15,4 @@ def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
     return ARCHITECTURES[config.architecture](config, vocab_size)
 
 
-__all__ = ["LSTMLanguageModel", "RHNLanguageModel", "build_model"]
+__all__ = ["LSTMLanguageModel", "RHNLanguageModel", "TransformerLanguageModel", "build_model"]

@@ -1,0 +1,89 @@
+"""A small causal Transformer language model with tied embeddings (the augmented loss beyond LSTMs).
+
+Pre-LayerNorm blocks (``nn.TransformerEncoderLayer`` with a causal mask),
+sinusoidal positions, the output layer tied to the embedding (no bias) or
+untied. It keeps the LSTM's ``forward`` contract, ``(tokens, state) →
+(logits, state)``, so training, evaluation, generation, scoring and the
+augmented loss work unchanged. The state is a window of the previous
+``context_size`` tokens of each stream: a window attends to them and to its own
+earlier tokens, and they are recomputed rather than cached, so gradients never
+cross a window boundary (like truncated BPTT). The state tensor is
+(1, B, ≤ context_size) token ids.
+
+Dropout is ordinary (not variational) dropout with probability ``model.dropout``
+on the embeddings, the attention weights and the feed-forward layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tiedlm.config import ModelConfig
+
+State = tuple[torch.Tensor]
+
+
+def sinusoidal_positions(length: int, size: int, device, dtype) -> torch.Tensor:
+    """(length, size) sine/cosine position codes (Vaswani et al. 2017)."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, size, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / size))
+    codes = torch.zeros(length, size, device=device)
+    codes[:, 0::2] = torch.sin(position * frequency)
+    codes[:, 1::2] = torch.cos(position * frequency[: size // 2])
+    return codes.to(dtype)
+
+
+class TransformerLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        size = config.hidden_size
+        if size % config.num_heads:
+            from tiedlm.errors import TiedlmError
+
+            raise TiedlmError(f"model.hidden_size {size} is not divisible by model.num_heads {config.num_heads}")
+        self.embedding = nn.Embedding(vocab_size, size)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                size, config.num_heads, 4 * size, config.dropout, activation="gelu", norm_first=True
+            )
+            for _ in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(size)
+        self.decoder = nn.Linear(size, vocab_size, bias=not config.tie_weights)
+        if config.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        for name, parameter in self.named_parameters():
+            if parameter.dim() > 1:
+                nn.init.uniform_(parameter, -config.init_range, config.init_range)
+            elif "norm" not in name:
+                nn.init.zeros_(parameter)
+        self.mask_generator: torch.Generator | None = None  # unused: plain dropout draws from torch's RNG
+        self.mask_batch: tuple[int, int, int] | None = None
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self.decoder.bias
+
+    def init_state(self, batch_size: int) -> State:
+        return (torch.zeros(1, batch_size, 0, dtype=torch.long, device=self.embedding.weight.device),)
+
+    def forward(self, tokens: torch.Tensor, state: State, *, include_bias: bool = True) -> tuple[torch.Tensor, State]:
+        """tokens (T, B) → logits (T, B, |V|); the state is the last context_size tokens of each stream."""
+        memory = state[0][0].t().to(tokens.device)  # (M, B)
+        sequence = torch.cat([memory, tokens])  # (M + T, B)
+        length, size = sequence.size(0), self.config.hidden_size
+        x = self.embedding(sequence) * math.sqrt(size)
+        x = self.drop(x + sinusoidal_positions(length, size, x.device, x.dtype)[:, None, :])
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=x.dtype)
+        for block in self.blocks:
+            x = block(x, src_mask=causal, is_causal=True)
+        output = self.norm(x[memory.size(0) :])
+        bias = self.decoder.bias if include_bias else None
+        logits = nn.functional.linear(output, self.decoder.weight, bias)
+        kept = sequence[-self.config.context_size :] if self.config.context_size else sequence[:0]
+        return logits, (kept.t().unsqueeze(0).contiguous(),)
