@@ -91,6 +91,15 @@ def _build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--rerun", action="store_true", help="train again even where a run finished")
     reproduce.add_argument("--collect-only", action="store_true", help="train nothing; write the results")
 
+    data = commands.add_parser("data", help="corpora: fetch the ones too large to bundle")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fetch = data_commands.add_parser("fetch", help="download, verify and unpack a corpus into the data cache")
+    fetch.add_argument("name", help="wikitext-103")
+    fetch.add_argument("--url", help="download from this mirror instead of the canonical address")
+    fetch.add_argument("--sha256", help="expected SHA-256 of the archive (with --url)")
+    fetch.add_argument("--cache", help="data cache (default $TIEDLM_DATA or ~/.cache/tiedlm)")
+    fetch.add_argument("--retries", type=int, default=5, help="reconnections when the download drops")
+
     plot = commands.add_parser("plot", help="PNG of train/valid perplexity against epochs and wall time")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
@@ -329,6 +338,17 @@ def _cmd_reproduce(args) -> int:
     return code or 0
 
 
+def _cmd_data(args) -> None:
+    from tiedlm.fetch import fetch
+
+    if args.sha256 and len(args.sha256) != 64:
+        raise TiedlmError(f"--sha256: expected 64 hexadecimal digits, got {len(args.sha256)} characters")
+    if args.retries < 0:
+        raise TiedlmError(f"--retries: must be ≥ 0, got {args.retries}")
+    cache = Path(args.cache) if args.cache else None
+    fetch(args.name, url=args.url, sha256=args.sha256, cache=cache, retries=args.retries)
+
+
 def _cmd_plot(args) -> None:
     from tiedlm.plot import plot_runs
 
@@ -493,6 +513,7 @@ COMMANDS = {
     "reproduce": _cmd_reproduce,
     "analyze": _cmd_analyze,
     "plot": _cmd_plot,
+    "data": _cmd_data,
 }
 
 

@@ -166,11 +166,19 @@ def load_corpus(corpus: str, vocab: Vocabulary | None = None) -> Corpus:
     With ``vocab`` given (e.g. a checkpoint's), the corpus must have exactly
     that training vocabulary.
     """
+    from tiedlm.fetch import SOURCES, cached_corpus, verify_cached
+
     if corpus in BUNDLED:
         texts = {s: read_bundled(corpus, s) for s in SPLITS}
         where = {s: f"{corpus}/{s}.txt" for s in SPLITS}
     else:
         root = Path(corpus)
+        if corpus in SOURCES and not root.is_dir():  # a fetched corpus, from the data cache
+            cached = cached_corpus(corpus)
+            if cached is None:
+                raise TiedlmError(f"corpus {corpus!r} is not downloaded yet: run tiedlm data fetch {corpus}")
+            verify_cached(cached)
+            root = cached
         if not root.is_dir():
             known = ", ".join(BUNDLED)
             raise TiedlmError(f"corpus {corpus!r}: not a bundled corpus ({known}) nor a directory")
