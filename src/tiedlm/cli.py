@@ -82,7 +82,9 @@ def _build_parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser("reproduce", help="train or collect the four variants of a paper table")
     reproduce.add_argument("table", help="ptb-small, ptb-medium, ptb-large, wikitext-2-small or wikitext-2-medium")
     reproduce.add_argument("--variants", default="vd,al,re,real", help="comma-separated subset of vd,al,re,real")
-    reproduce.add_argument("--configs", default="configs", help="folder holding ptb/ and wikitext-2/ configs")
+    reproduce.add_argument(
+        "--configs", help="folder holding ptb/ and wikitext-2/ configs (default: ./configs, else the packaged ones)"
+    )
     reproduce.add_argument("--runs", default="runs", help="run folders go to RUNS/TABLE/VARIANT")
     reproduce.add_argument("--results", default="results", help="where TABLE.md, .json, .png and the logs go")
     reproduce.add_argument("--jobs", type=_positive_int, default=1, help="variants trained at once (threads split)")
@@ -309,12 +311,23 @@ def _cmd_bench(args) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
+def _configs_folder(given: str | None) -> Path:
+    """--configs, else ./configs (a checkout), else the configs installed with the package."""
+    if given is not None:
+        return Path(given)
+    if Path("configs").is_dir():
+        return Path("configs")
+    from importlib import resources
+
+    return Path(str(resources.files("tiedlm") / "configs"))
+
+
 def _cmd_reproduce(args) -> int:
     from tiedlm.config import load_config
     from tiedlm.reproduce import collect, plan, set_aside, train_all
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    plans = plan(args.table, variants, Path(args.configs), Path(args.runs))
+    plans = plan(args.table, variants, _configs_folder(args.configs), Path(args.runs))
     for item in plans:  # check the overrides against every config before anything starts
         load_config(item.config, args.overrides)
     command = f"tiedlm reproduce {args.table}"
