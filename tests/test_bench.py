@@ -69,3 +69,16 @@ def test_allocator_tuning_applies_on_linux_glibc():
         assert applied is True
     else:
         assert applied is False
+
+
+def test_bench_runs_the_rhn_against_its_naive_loop(tmp_path, corpus_dir, capsys):
+    from test_rhn import write_rhn_config
+
+    config = write_rhn_config(tmp_path / "rhn.toml", corpus_dir)
+    assert main(["bench", str(config), "--windows", "2", "--warmup", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"] == "rhn" and report["reference_train_tokens_per_s"] > 0
+    model = load_config(config).model
+    h, v = model.hidden_size, report["vocab_size"]
+    flops = 3 * (2 * 2 * h * h * (1 + model.depth) + 2 * h * v)  # + the AL target side, which depends on the batch
+    assert report["train_gflop_per_token"] * 1e9 >= flops
