@@ -132,3 +132,23 @@ def test_bf16_training_tracks_fp32(tmp_path, mode):
         results[precision] = Trainer(config, tmp_path / precision, echo=lambda *a: None).fit()["valid_ppl"]
     assert results["bf16"] == pytest.approx(results["fp32"], rel=0.01)
     assert results["bf16"] != results["fp32"]  # bf16 really ran
+
+
+def test_compile_setting_compiles_the_forward(config_file):
+    from tiedlm.models import build_model
+    from tiedlm.train import TrainingStep
+
+    config = load_config(config_file, ["train.compile=true"])
+    model = build_model(config.model, 31)
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=1.0), config)
+    assert step.forward is not model and hasattr(step.forward, "_orig_mod")
+    assert TrainingStep(model, torch.optim.SGD(model.parameters(), lr=1.0), load_config(config_file)).forward is model
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, config_file):
+    # Opt-in (-m slow): compiling takes ~40 s on 2 cores.
+    eager = Trainer(load_config(config_file, ["train.max_epochs=1"]), tmp_path / "e", echo=lambda *a: None).fit()
+    config = load_config(config_file, ["train.max_epochs=1", "train.compile=true"])
+    compiled = Trainer(config, tmp_path / "c", echo=lambda *a: None).fit()
+    assert compiled["valid_ppl"] == pytest.approx(eager["valid_ppl"], rel=1e-4)

@@ -290,6 +290,8 @@ class TrainingStep:
         self.model, self.optimizer = model, optimizer
         self.world = world or World()
         self.forward = forward or model
+        if config.train.compile:
+            self.forward = torch.compile(self.forward)
         loss = config.loss
         self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
         self.batch_size = config.data.batch_size // self.world.size
