@@ -149,3 +149,44 @@ def test_cross_entropy_matches_pytorch_with_gradients():
     theirs = torch.autograd.grad((reference * weights.float()).sum(), (logits, bias))
     for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 3 * V])  # one block (ŷ, ỹ kept), several blocks (recomputed)
+@pytest.mark.parametrize("train_target", [False, True])
+def test_fused_cross_entropy_and_kl_gradients(problem, chunk, train_target):
+    # AugmentedLoss runs CE and KL as one autograd node with one gradient buffer for the logits.
+    logits, targets, embedding = problem
+    bias = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    chunk_rows = max(1, chunk // V)
+
+    def fused(z, b, e):
+        ce, kl = loss_module._CrossEntropyAndKL.apply(z, b, e, targets, TAU, chunk_rows, train_target)
+        return (ce * weights[0]).sum() + (kl * weights[1]).sum()
+
+    if train_target:
+        assert torch.autograd.gradcheck(fused, (logits, bias, embedding))
+    else:  # ỹ is a constant: no gradient reaches L through it (a stop-gradient, not a numerical derivative)
+        assert torch.autograd.gradcheck(lambda z, b: fused(z, b, embedding.detach()), (logits, bias))
+    # The same values and gradients as the two losses computed apart.
+    inputs = (logits, bias, embedding)
+    grads = torch.autograd.grad(fused(*inputs), inputs, allow_unused=True)
+    ce = torch.nn.functional.cross_entropy(logits + bias, targets, reduction="none")
+    kl = augmented_kl(logits, targets, embedding, TAU, detach_target=not train_target, max_chunk_elements=chunk)
+    apart = torch.autograd.grad((ce * weights[0]).sum() + (kl * weights[1]).sum(), inputs, allow_unused=True)
+    assert (grads[2] is None) == (not train_target)
+    for got, want in zip(grads, apart, strict=True):
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_with_one_output_unused(problem):
+    logits, targets, embedding = problem
+    ce, kl = loss_module._CrossEntropyAndKL.apply(logits, None, embedding, targets, TAU, 100, False)
+    (grad,) = torch.autograd.grad(kl.sum(), logits)  # no gradient reaches the CE output
+    (expected,) = torch.autograd.grad(augmented_kl(logits, targets, embedding, TAU).sum(), logits)
+    torch.testing.assert_close(grad, expected)
+    ce, _ = loss_module._CrossEntropyAndKL.apply(logits, None, embedding, targets, TAU, 100, False)
+    (grad,) = torch.autograd.grad(ce.sum(), logits)
+    (expected,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), logits)
+    torch.testing.assert_close(grad, expected)

@@ -61,23 +61,66 @@ def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: fl
     return torch.log_softmax((embedding[target_ids] / tau) @ embedding.t(), dim=-1)
 
 
+def _kl_forward(z: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int):
+    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept holds ŷ, ỹ of a batch that fits one block."""
+    kl = z.new_empty(z.size(0))
+    kept = None
+    for target_ids, tokens, row in _groups(targets, chunk_rows):
+        log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
+        q = log_q.exp()
+        neg_entropy = (q * log_q).sum(-1)  # (U,)
+        log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+        q_rows = q[row]  # (n, V)
+        kl[tokens] = neg_entropy[row] - (q_rows * log_p).sum(-1)
+        if isinstance(tokens, slice):  # one block: keep ŷ and ỹ for the backward pass
+            kept = (log_p, q_rows, log_q, row)
+    return kl, kept
+
+
+def _kl_backward(
+    z, emb, targets, kl, g, tau, chunk_rows, kept, grad_z: torch.Tensor | None, want_z: bool, train_target: bool
+):
+    """Gradients of Σ g·KL: (ŷ − ỹ)/τ·g added into ``grad_z`` (or returned as a new tensor when it is None),
+    and the gradient into L through ỹ when ``train_target``. Returns (grad_z, grad_emb)."""
+    grad_emb = torch.zeros_like(emb) if train_target else None
+    if want_z and grad_z is None and kept is None:
+        grad_z = torch.zeros_like(z)
+    groups = [(targets.unique(), slice(None), kept[3])] if kept else _groups(targets, chunk_rows)
+    for target_ids, tokens, row in groups:
+        if kept is not None:
+            log_p, q, log_q, _ = kept
+        else:
+            log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
+            q = log_q.exp()[row]  # (n, V)
+            log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+        if want_z:
+            block = (log_p.exp() - q).mul_((g[tokens] / tau).unsqueeze(1))  # (ŷ − ỹ)/τ
+            if grad_z is None:
+                grad_z = block
+            elif isinstance(tokens, slice):
+                grad_z += block
+            else:
+                grad_z[tokens] += block  # the tokens of a block are distinct
+        if grad_emb is not None:
+            # ∂KL/∂s_j = ỹ_j (log ỹ_j − log ŷ_j − KL) for the scores s = L[y]·Lᵀ/τ
+            d_scores = q * (log_q[row] - log_p - kl[tokens].unsqueeze(1)) * g[tokens].unsqueeze(1)
+            d_rows = torch.zeros(target_ids.numel(), emb.size(0), dtype=z.dtype, device=emb.device)
+            d_rows.index_add_(0, row, d_scores)  # (U, V): sum over tokens sharing a target
+            grad_emb.index_add_(0, target_ids, d_rows @ emb / tau)
+            grad_emb += d_rows.t() @ emb[target_ids] / tau
+    return grad_z, grad_emb
+
+
+def _float(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 class _AugmentedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, embedding, targets, tau, chunk_rows, train_target):
-        dtype = torch.promote_types(logits.dtype, torch.float32)
+        dtype = _float(logits)
         with torch.autocast(logits.device.type, enabled=False):
-            z, emb = logits.to(dtype), embedding.to(dtype)
-            kl = z.new_empty(z.size(0))
-            kept = None
-            for target_ids, tokens, row in _groups(targets, chunk_rows):
-                log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
-                q = log_q.exp()
-                neg_entropy = (q * log_q).sum(-1)  # (U,)
-                log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
-                q_rows = q[row]  # (n, V)
-                kl[tokens] = neg_entropy[row] - (q_rows * log_p).sum(-1)
-                if isinstance(tokens, slice):  # one block: keep ŷ and ỹ for the backward pass
-                    kept = (log_p, q_rows, log_q, row)
+            kl, kept = _kl_forward(logits.to(dtype), embedding.to(dtype), targets, tau, chunk_rows)
         ctx.save_for_backward(logits, embedding, targets, kl)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         return kl.to(logits.dtype)
@@ -85,38 +128,67 @@ class _AugmentedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl):
         logits, embedding, targets, kl = ctx.saved_tensors
-        tau, kept = ctx.tau, ctx.kept
-        ctx.kept = None
-        train_target = ctx.train_target and ctx.needs_input_grad[1]
+        kept, ctx.kept = ctx.kept, None
         dtype = kl.dtype
         with torch.autocast(logits.device.type, enabled=False):
-            z, emb, g = logits.to(dtype), embedding.to(dtype), grad_kl.to(dtype)
-            grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] and kept is None else None
-            grad_emb = torch.zeros_like(emb) if train_target else None
-            groups = [(targets.unique(), slice(None), kept[3])] if kept else _groups(targets, ctx.chunk_rows)
-            for target_ids, tokens, row in groups:
-                if kept is not None:
-                    log_p, q, log_q, _ = kept
-                else:
-                    log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
-                    q = log_q.exp()[row]  # (n, V)
-                    log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
-                if ctx.needs_input_grad[0]:
-                    block = (log_p.exp() - q).mul_((g[tokens] / tau).unsqueeze(1))  # (ŷ − ỹ)/τ
-                    if grad_z is None:
-                        grad_z = block
-                    else:
-                        grad_z[tokens] = block
-                if grad_emb is not None:
-                    # ∂KL/∂s_j = ỹ_j (log ỹ_j − log ŷ_j − KL) for the scores s = L[y]·Lᵀ/τ
-                    d_scores = q * (log_q[row] - log_p - kl[tokens].unsqueeze(1)) * g[tokens].unsqueeze(1)
-                    d_rows = torch.zeros(target_ids.numel(), emb.size(0), dtype=dtype, device=emb.device)
-                    d_rows.index_add_(0, row, d_scores)  # (U, V): sum over tokens sharing a target
-                    grad_emb.index_add_(0, target_ids, d_rows @ emb / tau)
-                    grad_emb += d_rows.t() @ emb[target_ids] / tau
+            grad_z, grad_emb = _kl_backward(
+                logits.to(dtype), embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
+                kept, None, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[1],
+            )  # fmt: skip
         grad_logits = grad_z.to(logits.dtype) if grad_z is not None else None
         grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
         return grad_logits, grad_embedding, None, None, None, None
+
+
+class _CrossEntropyAndKL(torch.autograd.Function):
+    """Cross-entropy of z + b and KL(ỹ ‖ softmax(z/τ)) per token, with one gradient buffer for z.
+
+    The backward writes softmax(z + b) − onehot(y) into a fresh (N, |V|) tensor and adds
+    (ŷ − ỹ)/τ into it block by block, instead of two full-size gradients and their sum.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, bias, embedding, targets, tau, chunk_rows, train_target):
+        dtype = _float(logits)
+        with torch.autocast(logits.device.type, enabled=False):
+            z = logits.to(dtype)
+            log_p = torch.log_softmax(z if bias is None else z + bias.to(dtype), dim=-1)  # (N, V)
+            ce = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+            kl, kept = _kl_forward(z, embedding.to(dtype), targets, tau, chunk_rows)
+        ctx.save_for_backward(logits, embedding, targets, kl, log_p)
+        ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
+        ctx.has_bias = bias is not None
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        logits, embedding, targets, kl, log_p = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None
+        dtype = kl.dtype
+        grad_z = grad_bias = grad_emb = None
+        with torch.autocast(logits.device.type, enabled=False):
+            if grad_ce is not None:
+                grad_ce = grad_ce.to(dtype)
+                grad_z = log_p.exp().mul_(grad_ce.unsqueeze(1))
+                grad_z[torch.arange(targets.numel(), device=targets.device), targets] -= grad_ce
+                if ctx.has_bias and ctx.needs_input_grad[1]:
+                    grad_bias = grad_z.sum(0)
+            if grad_kl is not None:
+                grad_z, grad_emb = _kl_backward(
+                    logits.to(dtype), embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
+                    kept, grad_z, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[2],
+                )  # fmt: skip
+        grad_logits = grad_z.to(logits.dtype) if grad_z is not None and ctx.needs_input_grad[0] else None
+        grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
+        return grad_logits, grad_bias, grad_embedding, None, None, None, None
+
+
+def _check_shapes(logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor) -> None:
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or embedding.size(0) != logits.size(1):
+        raise ValueError(
+            f"augmented_kl: expected logits (N, V), targets (N,), embedding (V, d); got "
+            f"{tuple(logits.shape)}, {tuple(targets.shape)}, {tuple(embedding.shape)}"
+        )
 
 
 def augmented_kl(
@@ -134,11 +206,7 @@ def augmented_kl(
     With ``detach_target`` ỹ is a constant; otherwise the gradient also flows
     into L through ỹ.
     """
-    if logits.dim() != 2 or targets.shape != logits.shape[:1] or embedding.size(0) != logits.size(1):
-        raise ValueError(
-            f"augmented_kl: expected logits (N, V), targets (N,), embedding (V, d); got "
-            f"{tuple(logits.shape)}, {tuple(targets.shape)}, {tuple(embedding.shape)}"
-        )
+    _check_shapes(logits, targets, embedding)
     chunk_rows = max(1, max_chunk_elements // logits.size(1))
     return _AugmentedKL.apply(logits, embedding, targets, float(tau), chunk_rows, not detach_target)
 
@@ -188,16 +256,16 @@ class AugmentedLoss(nn.Module):
     def components(
         self, logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy, KL) per token, before weighting."""
-        kl = augmented_kl(
-            logits,
-            targets,
-            embedding,
-            self.tau,
-            detach_target=self.detach_target,
-            max_chunk_elements=self.max_chunk_elements,
+        """(cross-entropy, KL) per token, before weighting; one fused autograd node with one gradient buffer."""
+        _check_shapes(logits, targets, embedding)
+        if not torch.is_grad_enabled():
+            kl = augmented_kl(logits, targets, embedding, self.tau, max_chunk_elements=self.max_chunk_elements)
+            return cross_entropy(logits, targets, bias), kl.float()
+        chunk_rows = max(1, self.max_chunk_elements // logits.size(1))
+        ce, kl = _CrossEntropyAndKL.apply(
+            logits, bias, embedding, targets, self.tau, chunk_rows, not self.detach_target
         )
-        return cross_entropy(logits, targets, bias), kl.float()
+        return ce.float(), kl.float()
 
     def forward(self, logits, targets, embedding, bias=None) -> torch.Tensor:
         ce, kl = self.components(logits, targets, embedding, bias)
