@@ -30,8 +30,11 @@ def test_flop_count_of_the_small_model():
     config = Config()  # 200 units, 2 layers
     plain = training_flops_per_token(config, 10_000, unique_fraction=0.5)
     assert plain == 3 * (2 * 2 * 800 * 400 + 2 * 200 * 10_000)
-    config.loss.augmented = True
-    assert training_flops_per_token(config, 10_000, 0.5) == plain + 2 * 0.5 * 2 * 200 * 10_000
+    config.loss.augmented, config.loss.detach_target = True, True
+    target_side = 0.5 * 2 * 200 * 10_000  # ỹ for the unique targets
+    assert training_flops_per_token(config, 10_000, 0.5) == plain + 2 * target_side  # forward + recomputed
+    config.loss.detach_target = False
+    assert training_flops_per_token(config, 10_000, 0.5) == plain + 4 * target_side  # + the gradient into L
 
 
 def test_naive_reference_computes_the_same_loss_as_tiedlm(config_file):

@@ -69,7 +69,7 @@ class LossConfig:
     augmented: bool = False
     tau: float = field(default=20.0, metadata=_range(0.0))
     gamma: float = field(default=0.5, metadata=_range(0.0))
-    detach_target: bool = True
+    detach_target: bool = False  # results/ablations.md: a trainable target did better
 
 
 @dataclass

@@ -197,7 +197,7 @@ def augmented_kl(
     embedding: torch.Tensor,
     tau: float,
     *,
-    detach_target: bool = True,
+    detach_target: bool = False,
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Per-token KL(ỹ ‖ ŷ) of the augmented loss, shape (N,).
@@ -247,7 +247,7 @@ class AugmentedLoss(nn.Module):
     """
 
     def __init__(
-        self, tau: float, gamma: float, detach_target: bool = True, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+        self, tau: float, gamma: float, detach_target: bool = False, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     ):
         super().__init__()
         self.tau, self.gamma, self.detach_target = float(tau), float(gamma), detach_target
