@@ -69,7 +69,14 @@ def section(root: Path = ROOT) -> str:
     if (results / "ablations.json").is_file():
         lines += _ablation_section(results)
     others = [
+        ("results/transformer.md", "a causal Transformer with tied embeddings, RE vs REAL on equal CPU budgets"),
+        ("results/rhn-vs-lstm.md", "a small Variational RHN next to a VD-LSTM of the same size, one hour each"),
+        ("results/subspace.md", "the subspace-distance experiment (SPEC §6)"),
+        ("results/predictions.md", "what VD and REAL predict (SPEC §6)"),
         ("benchmarks/RESULTS.md", "speed: `tiedlm bench` against the naive reference and the machine's peak"),
+        ("benchmarks/RHN.md", "speed of the Variational RHN and the cost of a paper-size run"),
+        ("benchmarks/LARGE_VOCAB.md", "memory and speed at |V| = 267,735"),
+        ("benchmarks/COMPILE.md", "what `train.compile = true` does on this CPU"),
         ("results/reliability.md", "faults: kills, signals, damaged files and NaNs injected into training"),
         ("results/demo/README.md", "the `make demo` run"),
     ]
