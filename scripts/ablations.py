@@ -229,6 +229,10 @@ def render(runs: Path, out: Path) -> None:
     lines += [
         "## Runs",
         "",
+        "Each run's own command. The runs did not spell out the base settings: at their commits these",
+        "were the config's values (dropout 0.3, exact, τ 20, γ 0.5, detached target). `BUDGET` in the",
+        "script now spells them out, so that a re-run is unaffected by the defaults these runs changed.",
+        "",
         "| arm | commit | threads | epochs | wall s | train tok/s | log | command |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
