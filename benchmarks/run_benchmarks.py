@@ -155,6 +155,8 @@ def targets(r: dict) -> str:
         )
     fastest = min(medium_eval["fp32_s"], medium_eval["bf16_s"])
     lines.append(f"| PTB test, batch 1, medium < 60 s | {fastest:.1f} s | {'yes' if fastest < 60 else 'no'} |")
+    lines += ["", "Where the time of a training step goes, and what bounds the targets not met:",
+              "[PROFILE.md](PROFILE.md) (`python benchmarks/profile_step.py`)."]  # fmt: skip
     return "### Targets on this CPU\n\n" + "\n".join(lines)
 
 

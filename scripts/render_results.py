@@ -74,6 +74,7 @@ def section(root: Path = ROOT) -> str:
         ("results/subspace.md", "the subspace-distance experiment (SPEC §6)"),
         ("results/predictions.md", "what VD and REAL predict (SPEC §6)"),
         ("benchmarks/RESULTS.md", "speed: `tiedlm bench` against the naive reference and the machine's peak"),
+        ("benchmarks/PROFILE.md", "where a training step's time goes (torch.profiler), behind the targets not met"),
         ("benchmarks/RHN.md", "speed of the Variational RHN and the cost of a paper-size run"),
         ("benchmarks/LARGE_VOCAB.md", "memory and speed at |V| = 267,735"),
         ("benchmarks/COMPILE.md", "what `train.compile = true` does on this CPU"),

@@ -32,9 +32,11 @@ def test_flop_count_of_the_small_model():
     assert plain == 3 * (2 * 2 * 800 * 400 + 2 * 200 * 10_000)
     config.loss.augmented, config.loss.detach_target = True, True
     target_side = 0.5 * 2 * 200 * 10_000  # ỹ for the unique targets
-    assert training_flops_per_token(config, 10_000, 0.5) == plain + 2 * target_side  # forward + recomputed
+    assert training_flops_per_token(config, 10_000, 0.5) == plain + target_side  # 700 x 10k: one kept block
     config.loss.detach_target = False
-    assert training_flops_per_token(config, 10_000, 0.5) == plain + 4 * target_side  # + the gradient into L
+    assert training_flops_per_token(config, 10_000, 0.5) == plain + 3 * target_side  # + the gradient into L
+    big = training_flops_per_token(config, 100_000, 0.5)  # 700 x 100k exceeds a block: recomputed
+    assert big == 3 * (2 * 2 * 800 * 400 + 2 * 200 * 100_000) + 4 * 0.5 * 2 * 200 * 100_000
 
 
 def test_naive_reference_computes_the_same_loss_as_tiedlm(config_file):

@@ -92,7 +92,11 @@ def test_target_distribution_computed_once_per_unique_target(problem, monkeypatc
     logits, targets, embedding = problem
     seen = []
     original = loss_module._target_log_probs
-    monkeypatch.setattr(loss_module, "_target_log_probs", lambda e, ids, tau: seen.append(ids) or original(e, ids, tau))
+    monkeypatch.setattr(
+        loss_module,
+        "_target_log_probs",
+        lambda e, ids, tau, product: seen.append(ids) or original(e, ids, tau, product),
+    )
     augmented_kl(logits, targets, embedding, TAU)
     ids = torch.cat(seen)
     assert ids.numel() == targets.unique().numel() == ids.unique().numel()

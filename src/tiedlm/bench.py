@@ -11,9 +11,10 @@ Timings are per BPTT window after a warm-up; the reported rate is the median.
 
 FLOPs count the matrix products only (they dominate): per token, forward
 2·(4H)(2H) per LSTM layer (RHN: 2·(2H)·H for the input and for each of the D
-micro-steps) + 2H|V| for the decoder (+ 2H|V| per unique target
-for ỹ, computed again in the backward pass), and backward = 2 × forward for
-the recurrence and decoder.
+micro-steps) + 2H|V| for the decoder, backward = 2 × forward for the
+recurrence and decoder; with the augmented loss + 2H|V| per unique target for
+ỹ (again in the backward pass when the window's (tokens × |V|) exceeds one
+loss block and is recomputed) and 2 × that for the gradient into L through ỹ.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from tiedlm.config import Config
-from tiedlm.data import batchify, bptt_windows, load_corpus
+from tiedlm.data import Corpus, batchify, bptt_windows, load_corpus
 from tiedlm.evaluate import evaluate
+from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
 from tiedlm.models import build_model
-from tiedlm.train import TrainingStep, make_optimizer, resolve_device
+from tiedlm.train import PHASES, TrainingStep, make_optimizer, resolve_device
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 6) -> float:
@@ -66,7 +69,9 @@ def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: f
     total = 3 * forward
     if config.loss.augmented:
         target_side = unique_fraction * 2 * h * v
-        total += 2 * target_side  # forward, and recomputed in the backward pass
+        total += target_side
+        if config.data.batch_size * config.data.bptt * v > DEFAULT_CHUNK_ELEMENTS:
+            total += target_side  # blocks are recomputed in the backward pass instead of kept
         if not config.loss.detach_target:
             total += 2 * target_side  # gradient into L through ỹ
     return total
@@ -151,25 +156,29 @@ class NaiveRHN(nn.Module):
 def naive_step(model: nn.Module, optimizer, config: Config, inputs, targets, state):
     """One training step of the reference, the augmented loss from its definition."""
     state = tuple(s.detach() for s in state)
-    logits, state = model(inputs, state)
-    logits, flat = logits.flatten(0, 1), targets.flatten()
-    bias = model.decoder.bias
-    loss = F.cross_entropy(logits if bias is None else logits + bias, flat, reduction="sum")
-    if config.loss.augmented:
-        tau, embedding = config.loss.tau, model.embedding.weight
-        target_scores = embedding[flat] @ embedding.t() / tau
-        if config.loss.detach_target:
-            target_scores = target_scores.detach()
-        log_y_tilde = F.log_softmax(target_scores, dim=-1)
-        log_y_hat = F.log_softmax(logits / tau, dim=-1)
-        kl = (log_y_tilde.exp() * (log_y_tilde - log_y_hat)).sum()
-        loss = loss + config.loss.gamma * tau * kl
-    optimizer.zero_grad(set_to_none=True)
-    (loss / config.data.batch_size).backward()
-    if config.train.clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
-    optimizer.step()
-    loss.item()
+    with record_function(PHASES[0]):
+        logits, state = model(inputs, state)
+        logits, flat = logits.flatten(0, 1), targets.flatten()
+        bias = model.decoder.bias
+        loss = F.cross_entropy(logits if bias is None else logits + bias, flat, reduction="sum")
+        if config.loss.augmented:
+            tau, embedding = config.loss.tau, model.embedding.weight
+            target_scores = embedding[flat] @ embedding.t() / tau
+            if config.loss.detach_target:
+                target_scores = target_scores.detach()
+            log_y_tilde = F.log_softmax(target_scores, dim=-1)
+            log_y_hat = F.log_softmax(logits / tau, dim=-1)
+            kl = (log_y_tilde.exp() * (log_y_tilde - log_y_hat)).sum()
+            loss = loss + config.loss.gamma * tau * kl
+    with record_function(PHASES[1]):
+        optimizer.zero_grad(set_to_none=True)
+        (loss / config.data.batch_size).backward()
+    with record_function(PHASES[2]):
+        if config.train.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.train.clip)
+        loss.item()
+    with record_function(PHASES[3]):
+        optimizer.step()
     return state
 
 
@@ -179,7 +188,7 @@ class Timing:
     window_s: list[float]
 
 
-def _time_windows(run_window, batches, warmup: int, device: torch.device) -> Timing:
+def time_windows(run_window, batches, warmup: int, device: torch.device) -> Timing:
     seconds, tokens = [], batches[0][1].numel()
     for index, (inputs, targets) in enumerate(batches):
         _sync(device)
@@ -197,18 +206,46 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = True) -> dict:
-    """Measure training/evaluation speed of ``config`` (and of the naive reference); return a JSON-able dict."""
+@dataclass
+class Workload:
+    """What a speed measurement runs: the first ``warmup + windows`` training windows of the
+    config's corpus, the model and its training step (and, on request, the naive reference)."""
+
+    config: Config
+    device: torch.device
+    corpus: Corpus
+    batches: list
+    unique_fraction: float
+    model: nn.Module
+    step: TrainingStep
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.corpus.vocab)
+
+    def naive(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(self.config.seed)
+        naive_class = NaiveRHN if self.config.model.architecture == "rhn" else NaiveReference
+        model = naive_class(self.config, self.vocab_size).to(self.device).train()
+        return model, torch.optim.SGD(model.parameters(), lr=self.config.train.lr)
+
+
+def workload(config: Config, windows: int, warmup: int) -> Workload:
     device = resolve_device(config.train.device)
     corpus = load_corpus(config.data.corpus)
-    vocab_size = len(corpus.vocab)
     source = batchify(corpus.train, config.data.batch_size).to(device)
     batches = [b for _, b in zip(range(warmup + windows), bptt_windows(source, config.data.bptt), strict=False)]
     unique_fraction = statistics.mean(t.unique().numel() / t.numel() for _, t in batches)
-
     torch.manual_seed(config.seed)
-    model = build_model(config.model, vocab_size).to(device).train()
+    model = build_model(config.model, len(corpus.vocab)).to(device).train()
     step = TrainingStep(model, make_optimizer(model, config.train), config)
+    return Workload(config, device, corpus, batches, unique_fraction, model, step)
+
+
+def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = True) -> dict:
+    """Measure training/evaluation speed of ``config`` (and of the naive reference); return a JSON-able dict."""
+    work = workload(config, windows, warmup)
+    device, corpus, vocab_size, model, step = work.device, work.corpus, work.vocab_size, work.model, work.step
     state = [model.init_state(config.data.batch_size)]
 
     def train_window(inputs, targets):
@@ -216,7 +253,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train = _time_windows(train_window, batches, warmup, device)
+    train = time_windows(train_window, work.batches, warmup, device)
     peak_memory = _peak_memory_mb(device)
 
     eval_tokens = min(corpus.valid.numel(), (warmup + windows) * config.data.bptt * config.data.eval_batch_size)
@@ -229,7 +266,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
     _sync(device)
     eval_rate = result.tokens / (time.perf_counter() - start)
 
-    flops = training_flops_per_token(config, vocab_size, unique_fraction)
+    flops = training_flops_per_token(config, vocab_size, work.unique_fraction)
     peaks = {
         "fp32": matmul_peak_gflops(torch.float32, device),
         "bf16": matmul_peak_gflops(torch.bfloat16, device),
@@ -252,23 +289,20 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
         "eval_tokens_per_s": eval_rate,
         "eval_batch_size": config.data.eval_batch_size,
         "peak_memory_mb": peak_memory,
-        "unique_target_fraction": unique_fraction,
+        "unique_target_fraction": work.unique_fraction,
         "train_gflop_per_token": flops / 1e9,
         "achieved_gflops": achieved,
         "matmul_peak_gflops": peaks,
         "fraction_of_peak": achieved / peaks[config.train.precision],
     }
     if reference and config.model.architecture != "transformer":  # no naive reference for the transformer
-        torch.manual_seed(config.seed)
-        naive_class = NaiveRHN if config.model.architecture == "rhn" else NaiveReference
-        naive = naive_class(config, vocab_size).to(device).train()
-        optimizer = torch.optim.SGD(naive.parameters(), lr=config.train.lr)
+        naive, optimizer = work.naive()
         naive_state = [naive.init_state(config.data.batch_size)]
 
         def naive_window(inputs, targets):
             naive_state[0] = naive_step(naive, optimizer, config, inputs, targets, naive_state[0])
 
-        reference_timing = _time_windows(naive_window, batches, warmup, device)
+        reference_timing = time_windows(naive_window, work.batches, warmup, device)
         report["reference_train_tokens_per_s"] = reference_timing.tokens_per_s
         report["speedup_over_reference"] = train.tokens_per_s / reference_timing.tokens_per_s
     return report

@@ -16,7 +16,8 @@ the batch. Tokens are processed grouped by target in chunks of at most
 backward pass, which recomputes rather than stores, so memory stays bounded
 for large vocabularies; a batch that fits in one block keeps ŷ and ỹ for the
 backward pass instead of recomputing them. The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
-with autocast disabled.
+with autocast disabled; the target side's matrix products (L[y]·Lᵀ and the gradient into L)
+take their inputs in the logits' dtype, so bf16 training runs them in bf16 like the decoder.
 """
 
 from __future__ import annotations
@@ -56,65 +57,93 @@ def _groups(
             yield unique[u0:u1], tokens, inverse[tokens] - u0
 
 
-def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: float) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """a @ b with the inputs in ``product``'s dtype (bf16 under bf16 training), the result in a's dtype."""
+    if product.dtype == a.dtype:
+        return a @ b
+    return (a.to(product.dtype) @ b.to(product.dtype)).to(a.dtype)
+
+
+def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: float, product) -> torch.Tensor:
     """log ỹ for each target id: log_softmax(L[y] · Lᵀ / τ), shape (U, |V|)."""
-    return torch.log_softmax((embedding[target_ids] / tau) @ embedding.t(), dim=-1)
+    return torch.log_softmax(_mm(embedding[target_ids] / tau, embedding.t(), product), dim=-1)
 
 
-def _kl_forward(z: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int):
-    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept holds ŷ, ỹ of a batch that fits one block."""
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_ij b_ij per row, as batched dot products (one read of each, no (n, V) temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _uniform(weights: torch.Tensor) -> float | None:
+    """The common value of ``weights`` when they are all equal (as in a summed loss), else None."""
+    first = weights[:1]
+    return float(first) if weights.numel() and bool((weights == first).all()) else None
+
+
+def _kl_forward(z: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int, product):
+    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept holds ŷ, ỹ of a batch that fits one block.
+
+    The target side's matrix products take their inputs in ``product``'s dtype (the logits')."""
     kl = z.new_empty(z.size(0))
     kept = None
     for target_ids, tokens, row in _groups(targets, chunk_rows):
-        log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
+        log_q = _target_log_probs(emb, target_ids, tau, product)  # (U, V)
         q = log_q.exp()
-        neg_entropy = (q * log_q).sum(-1)  # (U,)
+        neg_entropy = _row_dot(q, log_q)  # (U,)
         log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
-        q_rows = q[row]  # (n, V)
-        kl[tokens] = neg_entropy[row] - (q_rows * log_p).sum(-1)
+        q_rows = q.index_select(0, row)  # (n, V)
+        kl[tokens] = neg_entropy[row] - _row_dot(q_rows, log_p)
         if isinstance(tokens, slice):  # one block: keep ŷ and ỹ for the backward pass
-            kept = (log_p, q_rows, log_q, row)
+            kept = (log_p, q_rows, log_q, q, row)
     return kl, kept
 
 
 def _kl_backward(
-    z, emb, targets, kl, g, tau, chunk_rows, kept, grad_z: torch.Tensor | None, want_z: bool, train_target: bool
+    logits, emb, targets, kl, g, tau, chunk_rows, kept, grad_z: torch.Tensor | None, want_z: bool, train_target: bool
 ):
     """Gradients of Σ g·KL: (ŷ − ỹ)/τ·g added into ``grad_z`` (or returned as a new tensor when it is None),
-    and the gradient into L through ỹ when ``train_target``. Returns (grad_z, grad_emb)."""
+    and the gradient into L through ỹ when ``train_target``. Returns (grad_z, grad_emb).
+
+    ``logits`` is converted to the loss's dtype only when the blocks are recomputed (not ``kept``)."""
     grad_emb = torch.zeros_like(emb) if train_target else None
     if want_z and grad_z is None and kept is None:
-        grad_z = torch.zeros_like(z)
-    groups = [(targets.unique(), slice(None), kept[3])] if kept else _groups(targets, chunk_rows)
+        grad_z = torch.zeros_like(logits, dtype=g.dtype)
+    z = None if kept else logits.to(g.dtype)
+    groups = [(targets.unique(), slice(None), kept[4])] if kept else _groups(targets, chunk_rows)
     for target_ids, tokens, row in groups:
         if kept is not None:
-            log_p, q, log_q, _ = kept
+            log_p, q, log_q, q_units, _ = kept
         else:
-            log_q = _target_log_probs(emb, target_ids, tau)  # (U, V)
-            q = log_q.exp()[row]  # (n, V)
+            log_q = _target_log_probs(emb, target_ids, tau, logits)  # (U, V)
+            q_units = log_q.exp()
+            q = q_units.index_select(0, row)  # (n, V)
             log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+        weights = g[tokens]
         if want_z:
-            block = (log_p.exp() - q).mul_((g[tokens] / tau).unsqueeze(1))  # (ŷ − ỹ)/τ
+            scale = (weights / tau).unsqueeze(1)
             if grad_z is None:
-                grad_z = block
+                grad_z = (log_p.exp() - q).mul_(scale)  # (ŷ − ỹ)/τ
             elif isinstance(tokens, slice):
-                grad_z += block
+                grad_z.addcmul_(log_p.exp(), scale).addcmul_(q, scale, value=-1.0)
             else:
-                grad_z[tokens] += block  # the tokens of a block are distinct
+                grad_z[tokens] += (log_p.exp() - q).mul_(scale)  # the tokens of a block are distinct
         if grad_emb is not None:
             # ∂KL_t/∂s_j = ỹ_j (log ỹ_j − log ŷ_tj − KL_t) for the scores s = L[y]·Lᵀ/τ. Summed over the
             # tokens t that share target u, with weights g_t: ỹ_u ⊙ (G_u log ỹ_u − S_u − K_u), where
             # G_u = Σ g_t, S_u = Σ g_t log ŷ_t, K_u = Σ g_t KL_t: one (n, V) pass instead of five.
-            weights = g[tokens]
             units = target_ids.numel()
-            d_rows = torch.zeros(units, emb.size(0), dtype=z.dtype, device=emb.device)
-            d_rows.index_add_(0, row, log_p * weights.unsqueeze(1), alpha=-1.0)  # −S_u
-            totals = torch.zeros(2, units, dtype=z.dtype, device=emb.device)
+            d_rows = torch.zeros(units, emb.size(0), dtype=g.dtype, device=emb.device)
+            common = _uniform(weights)
+            if common is not None:  # a summed loss: every g_t alike, no weighted copy of log ŷ
+                d_rows.index_add_(0, row, log_p, alpha=-common)  # −S_u
+            else:
+                d_rows.index_add_(0, row, log_p * weights.unsqueeze(1), alpha=-1.0)
+            totals = torch.zeros(2, units, dtype=g.dtype, device=emb.device)
             totals[0].index_add_(0, row, weights)  # G_u
             totals[1].index_add_(0, row, weights * kl[tokens])  # K_u
-            d_rows.addcmul_(log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(log_q.exp())
-            grad_emb.index_add_(0, target_ids, d_rows @ emb / tau)
-            grad_emb += d_rows.t() @ emb[target_ids] / tau
+            d_rows.addcmul_(log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(q_units)
+            grad_emb.index_add_(0, target_ids, _mm(d_rows, emb, logits) / tau)
+            grad_emb += _mm(d_rows.t(), emb[target_ids], logits) / tau
     return grad_z, grad_emb
 
 
@@ -127,7 +156,7 @@ class _AugmentedKL(torch.autograd.Function):
     def forward(ctx, logits, embedding, targets, tau, chunk_rows, train_target):
         dtype = _float(logits)
         with torch.autocast(logits.device.type, enabled=False):
-            kl, kept = _kl_forward(logits.to(dtype), embedding.to(dtype), targets, tau, chunk_rows)
+            kl, kept = _kl_forward(logits.to(dtype), embedding.to(dtype), targets, tau, chunk_rows, logits)
         ctx.save_for_backward(logits, embedding, targets, kl)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         return kl.to(logits.dtype)
@@ -139,7 +168,7 @@ class _AugmentedKL(torch.autograd.Function):
         dtype = kl.dtype
         with torch.autocast(logits.device.type, enabled=False):
             grad_z, grad_emb = _kl_backward(
-                logits.to(dtype), embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
+                logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
                 kept, None, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[1],
             )  # fmt: skip
         grad_logits = grad_z.to(logits.dtype) if grad_z is not None else None
@@ -161,7 +190,7 @@ class _CrossEntropyAndKL(torch.autograd.Function):
             z = logits.to(dtype)
             log_p = torch.log_softmax(z if bias is None else z + bias.to(dtype), dim=-1)  # (N, V)
             ce = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
-            kl, kept = _kl_forward(z, embedding.to(dtype), targets, tau, chunk_rows)
+            kl, kept = _kl_forward(z, embedding.to(dtype), targets, tau, chunk_rows, logits)
         ctx.save_for_backward(logits, embedding, targets, kl, log_p)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         ctx.has_bias = bias is not None
@@ -182,7 +211,7 @@ class _CrossEntropyAndKL(torch.autograd.Function):
                     grad_bias = grad_z.sum(0)
             if grad_kl is not None:
                 grad_z, grad_emb = _kl_backward(
-                    logits.to(dtype), embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
+                    logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
                     kept, grad_z, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[2],
                 )  # fmt: skip
         grad_logits = grad_z.to(logits.dtype) if grad_z is not None and ctx.needs_input_grad[0] else None

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_model
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from tiedlm.checkpoint import (
@@ -271,6 +272,9 @@ class StepResult:
     stop: bool = False  # some rank was asked to stop (all ranks agree)
 
 
+PHASES = ("step.forward_and_loss", "step.backward", "step.clip_and_sync", "step.optimizer")
+
+
 class TrainingStep:
     """One optimisation step on one BPTT window: forward, loss, backward, clipping, SGD update.
 
@@ -313,18 +317,23 @@ class TrainingStep:
         return ce, kl, state
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state, stop: bool = False) -> StepResult:
-        ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
-        objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        (objective / self.batch_size).backward()  # DDP averages the gradients over the ranks here
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        kl_sum = objective.new_zeros(()) if kl is None else kl.sum()
-        flags = objective.new_tensor([float(stop), float(targets.numel())])
-        stats = torch.cat([torch.stack([ce.sum(), kl_sum, objective, grad_norm]).float(), flags.float()])
-        ce_sum, kl_sum, total, norm, stops, tokens = self.world.all_reduce_sum(stats).tolist()  # one sync
+        # The record_function ranges name the phases in a torch.profiler trace (benchmarks/profile.py).
+        with record_function(PHASES[0]):
+            ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
+            objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
+        with record_function(PHASES[1]):
+            self.optimizer.zero_grad(set_to_none=True)
+            (objective / self.batch_size).backward()  # DDP averages the gradients over the ranks here
+        with record_function(PHASES[2]):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            kl_sum = objective.new_zeros(()) if kl is None else kl.sum()
+            flags = objective.new_tensor([float(stop), float(targets.numel())])
+            stats = torch.cat([torch.stack([ce.sum(), kl_sum, objective, grad_norm]).float(), flags.float()])
+            ce_sum, kl_sum, total, norm, stops, tokens = self.world.all_reduce_sum(stats).tolist()  # one sync
         finite = math.isfinite(total) and math.isfinite(norm)  # the same decision on every rank
         if finite:
-            self.optimizer.step()
+            with record_function(PHASES[3]):
+                self.optimizer.step()
         return StepResult(ce_sum, kl_sum, int(tokens), new_state, finite, stops > 0)
 
 

@@ -1,0 +1,280 @@
+"""Where a training step's time goes: torch.profiler over tiedlm's step and the naive reference.
+
+    python benchmarks/profile_step.py          # ~3 min on 2 cores
+
+Explains the CPU targets of benchmarks/RESULTS.md that are not met. For each case
+(PTB small REAL on the fastest path, bf16 + fast VD, and on the configs' default
+path, fp32 + exact VD; PTB medium REAL bf16 + fast) it
+
+1. times training windows without the profiler (median, as `tiedlm bench`);
+2. profiles further windows of tiedlm's TrainingStep and of the naive reference
+   (`tiedlm.bench.naive_step`) on the same batches, and sorts each operator's own
+   time into: matrix products; element-wise work on (tokens x |V|) arrays
+   (softmaxes, exp/log, the KL, their gradients); optimizer and clipping; the rest
+   (LSTM gates, dropout masks, embedding, copies); and the time between operators
+   (Python and dispatch);
+3. measures the machine's memory bandwidth (an fp32 add of (tokens x |V|) arrays),
+   which bounds the element-wise work, and the matmul peak, which bounds the products.
+
+Results: benchmarks/profile.json and benchmarks/PROFILE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from record import header, record, write
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from tiedlm.bench import matmul_peak_gflops, naive_step, time_windows, training_flops_per_token, workload
+from tiedlm.config import load_config
+from tiedlm.runtime import tune_allocator
+from tiedlm.train import PHASES
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [
+    ("configs/ptb/small-real.toml", "bf16", "fast"),
+    ("configs/ptb/small-real.toml", "fp32", "exact"),
+    ("configs/ptb/medium-real.toml", "bf16", "fast"),
+]
+CATEGORIES = ("matrix products", "(tokens x |V|) element-wise", "optimizer and clipping", "other operators",
+              "between operators (Python, dispatch)")  # fmt: skip
+PRODUCTS = ("::mm", "::addmm", "::bmm", "::baddbmm", "::addmv", "::mv", "::_addmm_activation")
+
+
+def is_product(name: str) -> bool:
+    return name.endswith(PRODUCTS) or "mkldnn_rnn" in name or "mkldnn_linear" in name
+
+
+WINDOW = "profile.window"
+
+
+def phase_of(event) -> str | None:
+    while event is not None:
+        if event.name in PHASES:
+            return event.name
+        event = event.cpu_parent
+    return None
+
+
+def window_of(event):
+    while event is not None and event.name != WINDOW:
+        event = event.cpu_parent
+    return event
+
+
+def profile_windows(run_window, batches, shapes: bool) -> list[list]:
+    """Each window's operator events in order. ``record_shapes`` slows this machine's operators
+    several-fold, so times come from a trace without shapes and shapes from a separate one."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as trace:
+        for inputs, targets in batches:
+            with record_function(WINDOW):
+                run_window(inputs, targets)
+    windows: dict[int, list] = {}
+    for event in trace.events():
+        window = window_of(event.cpu_parent)
+        if window is not None:
+            windows.setdefault(id(window), []).append(event)
+    return [sorted(events, key=lambda e: e.time_range.start) for events in windows.values()]
+
+
+def vocab_wide(event, vocab_size: int) -> bool:
+    return any(len(shape) >= 2 and shape[-1] == vocab_size for shape in event.input_shapes or [])
+
+
+def categorise(windows: list[list], shaped: list, vocab_size: int) -> tuple[dict, list[dict]]:
+    """Milliseconds per window in each category, and the operators by their own time.
+
+    ``shaped`` is one window traced with shapes: the k-th event of every timed window is the
+    same operator (a window runs the same code), so it says which events are (tokens x |V|).
+    """
+    names = [event.name for event in shaped]
+    wide = [vocab_wide(event, vocab_size) for event in shaped]
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    operators: dict[tuple[str, bool], float] = {}
+    matched = [events for events in windows if [event.name for event in events] == names]
+    if not matched:
+        raise RuntimeError("profiled windows ran different operators from the shaped window")
+    for events in matched:
+        for event, is_wide in zip(events, wide, strict=True):
+            own = event.self_cpu_time_total / 1000 / len(matched)  # µs over all windows -> ms per window
+            if event.name in PHASES:
+                totals[CATEGORIES[4]] += own
+                continue
+            phase = phase_of(event)
+            if phase is None:
+                continue
+            if is_product(event.name):
+                category = CATEGORIES[0]
+            elif phase in PHASES[2:]:
+                category = CATEGORIES[2]
+            elif is_wide:
+                category = CATEGORIES[1]
+            else:
+                category = CATEGORIES[3]
+            totals[category] += own
+            key = (event.name, is_wide)
+            operators[key] = operators.get(key, 0.0) + own
+    ranked = sorted(operators.items(), key=lambda item: -item[1])
+    rows = [{"operator": name, "vocab_wide": is_wide, "ms_per_window": ms} for (name, is_wide), ms in ranked]
+    return totals | {"windows": len(matched)}, rows
+
+
+def bandwidth_gb_s(elements: int, repeats: int = 10) -> float:
+    """fp32 a + b -> c over ``elements``: bytes moved (two reads, one write) per second."""
+    a, b, c = torch.randn(elements), torch.randn(elements), torch.empty(elements)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.add(a, b, out=c)
+        best = min(best, time.perf_counter() - start)
+    return 3 * 4 * elements / best / 1e9
+
+
+def measure(config_path: str, precision: str, mode: str, windows: int, profiled: int) -> dict:
+    overrides = [f"train.precision={precision}", f"model.dropout_mode={mode}", "train.device=cpu"]
+    config = load_config(ROOT / config_path, overrides)
+    warmup = 3
+    work = workload(config, windows + profiled + 1, warmup)
+    timed, rest = work.batches[: warmup + windows], work.batches[warmup + windows :]
+    state = [work.model.init_state(config.data.batch_size)]
+
+    def train_window(inputs, targets):
+        state[0] = work.step(inputs, targets, state[0]).state
+
+    naive, optimizer = work.naive()
+    naive_state = [naive.init_state(config.data.batch_size)]
+
+    def naive_window(inputs, targets):
+        naive_state[0] = naive_step(naive, optimizer, config, inputs, targets, naive_state[0])
+
+    tokens = timed[0][1].numel()
+    rates = {}
+    for name, run_window in (("tiedlm", train_window), ("naive", naive_window)):
+        rates[name] = time_windows(run_window, timed, warmup, work.device).tokens_per_s
+    breakdown, operators = {}, {}
+    for name, run_window in (("tiedlm", train_window), ("naive", naive_window)):
+        shaped = profile_windows(run_window, rest[:1], shapes=True)[0]
+        start = time.perf_counter()
+        windows = profile_windows(run_window, rest[1:], shapes=False)
+        profiled_ms = (time.perf_counter() - start) * 1000 / len(rest[1:])
+        breakdown[name], operators[name] = categorise(windows, shaped, work.vocab_size)
+        breakdown[name]["profiled window ms"] = profiled_ms
+    flops = training_flops_per_token(config, work.vocab_size, work.unique_fraction)
+    peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32, work.device)
+    return {
+        "config": config.name,
+        "precision": precision,
+        "dropout_mode": mode,
+        "tokens_per_window": tokens,
+        "vocab_size": work.vocab_size,
+        "unique_target_fraction": work.unique_fraction,
+        "train_tokens_per_s": rates["tiedlm"],
+        "reference_train_tokens_per_s": rates["naive"],
+        "gflop_per_window": flops * tokens / 1e9,
+        "matmul_peak_gflops": peak,
+        "bandwidth_gb_s": bandwidth_gb_s(tokens * work.vocab_size),
+        "breakdown_ms": breakdown,
+        "operators": {name: rows[:12] for name, rows in operators.items()},
+    }
+
+
+def bounds(row: dict) -> dict:
+    """Tokens/s that the window could reach if parts of it took no time (from the profiled shares)."""
+    mine = row["breakdown_ms"]["tiedlm"]
+    window = row["tokens_per_window"] / row["train_tokens_per_s"] * 1000  # unprofiled ms per window
+    scale = window / mine["profiled window ms"]  # the profiler's overhead, spread evenly
+    products = mine[CATEGORIES[0]] * scale
+    vocab = mine[CATEGORIES[1]] * scale
+    logits_pass_ms = 3 * 4 * row["tokens_per_window"] * row["vocab_size"] / row["bandwidth_gb_s"] / 1e6
+    return {
+        "window_ms": window,
+        "products_ms": products,
+        "products_at_peak_ms": row["gflop_per_window"] / row["matmul_peak_gflops"] * 1000,
+        "vocab_ms": vocab,
+        "vocab_passes": vocab / logits_pass_ms,
+        "logits_pass_ms": logits_pass_ms,
+        "only_products_tok_s": row["tokens_per_window"] / products * 1000,
+        "no_vocab_tok_s": row["tokens_per_window"] / (window - vocab) * 1000,
+    }
+
+
+def render(result: dict) -> str:
+    lines = header(result, "Where a training step's time goes (torch.profiler)", "profile.json", result["threads"])
+    lines += [
+        f"{result['windows']} timed windows (median, no profiler) and {result['profiled']} profiled windows",
+        "(batch 20 × 35) per case, after 3 warm-up windows. Each operator's own CPU time is",
+        'sorted into a category; "(tokens x |V|) element-wise" is every non-product operator',
+        "with an input whose last dimension is |V| (the logits, the τ-softmaxes, the KL and",
+        'their gradients); "between operators" is time inside the step\'s phases not spent in',
+        "any operator. The naive reference is `tiedlm.bench.naive_step` on the same batches.",
+        "",
+    ]
+    for row in result["rows"]:
+        b = bounds(row)
+        mine, naive = row["breakdown_ms"]["tiedlm"], row["breakdown_ms"]["naive"]
+        lines += [
+            f"## {row['config']}, {row['precision']}, VD {row['dropout_mode']}",
+            "",
+            f"Training {row['train_tokens_per_s']:,.0f} tok/s (naive reference "
+            f"{row['reference_train_tokens_per_s']:,.0f}, ratio "
+            f"{row['train_tokens_per_s'] / row['reference_train_tokens_per_s']:.2f}x): {b['window_ms']:.1f} ms per "
+            f"window of {row['tokens_per_window']} tokens. Unique targets per window: "
+            f"{row['unique_target_fraction']:.0%} of the tokens.",
+            "",
+            "| category | tiedlm ms/window (profiled) | share | naive ms/window (profiled) | share |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for category in CATEGORIES:
+            lines.append(
+                f"| {category} | {mine[category]:.1f} | {mine[category] / mine['profiled window ms']:.0%} "
+                f"| {naive[category]:.1f} | {naive[category] / naive['profiled window ms']:.0%} |"
+            )
+        lines += [
+            f"| whole window | {mine['profiled window ms']:.1f} | | {naive['profiled window ms']:.1f} | |",
+            "",
+            f"- Matrix products: {row['gflop_per_window']:.1f} GFLOP per window take {b['products_ms']:.1f} ms "
+            f"(the profiled share of the unprofiled window); at this machine's measured {row['precision']} "
+            f"peak ({row['matmul_peak_gflops']:.0f} GFLOP/s) they would take {b['products_at_peak_ms']:.1f} ms.",
+            f"- (tokens x |V|) element-wise work: {b['vocab_ms']:.1f} ms per window, as long as "
+            f"{b['vocab_passes']:.1f} fp32 read-read-write passes over a {row['tokens_per_window']} x "
+            f"{row['vocab_size']:,} array at the measured {row['bandwidth_gb_s']:.1f} GB/s "
+            f"({b['logits_pass_ms']:.1f} ms each).",
+            f"- If everything but the matrix products took no time: {b['only_products_tok_s']:,.0f} tok/s. "
+            f"If the (tokens x |V|) element-wise work took no time: {b['no_vocab_tok_s']:,.0f} tok/s.",
+            "",
+            "Operators by own time (tiedlm, ms per profiled window; V = an input ends in |V|):",
+            "",
+            "| operator | V | ms |",
+            "|---|---|---:|",
+        ]
+        for op in row["operators"]["tiedlm"]:
+            lines.append(f"| `{op['operator']}` | {'V' if op['vocab_wide'] else ''} | {op['ms_per_window']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=15, help="timed windows per case (no profiler)")
+    parser.add_argument("--profiled", type=int, default=8, help="profiled windows per case (+1 traced with shapes)")
+    args = parser.parse_args()
+    tune_allocator()
+    began = time.perf_counter()
+    rows = []
+    for config_path, precision, mode in CASES:
+        row = measure(config_path, precision, mode, args.windows, args.profiled)
+        print(f"{row['config']} {precision} {mode}: {row['train_tokens_per_s']:,.0f} tok/s", flush=True)
+        rows.append(row)
+    result = record("profile_step.py", began, threads=torch.get_num_threads(), windows=args.windows,
+                    profiled=args.profiled, rows=rows)  # fmt: skip
+    write(result, "profile.json", "PROFILE.md", render(result))
+    print(f"median unprofiled window: {statistics.median(bounds(r)['window_ms'] for r in rows):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
