@@ -8,7 +8,7 @@
 Each config trains with ``train.time_limit_minutes`` (no epoch starts that would
 end past the budget) into ``runs/NAME/CONFIG-NAME``, ``--jobs`` at a time with
 the cores split between them; finished runs are collected, interrupted ones
-resumed. ``results/NAME.md`` (+ ``.json``, ``.png`` of validation perplexity
+resumed. ``results/NAME.md`` (+ ``.json``, ``.png`` of training and validation perplexity
 against wall time and epochs) is written from the run logs, which are copied to
 ``results/NAME/``.
 """
@@ -60,21 +60,18 @@ def train(configs: list[Path], runs: Path, minutes: float, jobs: int, overrides:
 
 
 def render(name: str, configs: list[Path], runs: Path, out: Path, minutes: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from tiedlm.plot import plot_curves
     from tiedlm.reproduce import count_parameters
 
     logs = out / name
     logs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, curves = [], {}
     for config in configs:
         run = runs / config.stem
         if not (run / "metrics.jsonl").is_file():
             continue
         metrics = [m for m in read_jsonl(run / "metrics.jsonl") if "valid_ppl" in m]
+        curves[config.stem] = metrics
         info = json.loads((run / "run.json").read_text())
         saved = json.loads((run / "config.json").read_text())
         final = json.loads((run / "final.json").read_text()) if (run / "final.json").is_file() else None
@@ -114,21 +111,8 @@ def render(name: str, configs: list[Path], runs: Path, out: Path, minutes: float
     if not rows:
         raise SystemExit(f"{name}: no run has finished an epoch under {runs}")
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for row in rows:
-        curve = row["curve"]
-        label = f"{row['name']} ({row['params'] / 1e6:.1f}M)"
-        by_time.plot([p["minutes"] for p in curve], [p["valid_ppl"] for p in curve], marker=".", label=label)
-        by_epoch.plot([p["epoch"] for p in curve], [p["valid_ppl"] for p in curve], marker=".", label=label)
-    by_time.set_xlabel("wall time (minutes)")
-    by_epoch.set_xlabel("epoch")
-    by_time.set_ylabel("validation perplexity")
-    for ax in (by_time, by_epoch):
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
-    by_epoch.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=110)
+    plot_curves([(f"{row['name']} ({row['params'] / 1e6:.1f}M)", curves[row["name"]]) for row in rows],
+                out / f"{name}.png")  # fmt: skip
 
     def ppl(value):
         return "—" if value is None else f"{value:.2f}"
@@ -141,7 +125,7 @@ def render(name: str, configs: list[Path], runs: Path, out: Path, minutes: float
         f"`train.time_limit_minutes = {minutes:g}`: no epoch starts that would end past the budget. Valid/test",
         "are of the best-validation checkpoint.",
         "",
-        f"![validation perplexity against wall time and epochs]({name}.png)",
+        f"![training (dashed) and validation perplexity against epochs and wall time]({name}.png)",
         "",
         "| run | architecture | AL | parameters | epochs | wall | train tok/s | best valid | valid | test "
         "| stopped by |",

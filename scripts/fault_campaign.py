@@ -28,18 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fault_harness import (  # noqa: E402
-    KILL_POINTS,
-    fault_config,
-    final_weights,
-    finish,
-    kill_randomly,
-    same_weights,
-    tiedlm,
-    train_to_end,
-    visible_files_intact,
-    wait_for,
-)
+import fault_harness as harness  # noqa: E402
 
 
 def _flip_middle_byte(path: Path) -> None:
@@ -49,10 +38,12 @@ def _flip_middle_byte(path: Path) -> None:
 
 
 def outcome(run: Path, reference, config: Path) -> bool:
-    train_to_end(config, run)
-    intact = visible_files_intact(run)
+    harness.train_to_end(config, run)
+    intact = harness.visible_files_intact(run)
     final = json.loads((run / "final.json").read_text())
-    return intact and same_weights(final_weights(run), reference[0]) and final["test_ppl"] == reference[1]
+    return (
+        intact and harness.same_weights(harness.final_weights(run), reference[0]) and final["test_ppl"] == reference[1]
+    )
 
 
 def main() -> None:
@@ -64,18 +55,18 @@ def main() -> None:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="tiedlm-faults-"))
     started = time.perf_counter()
-    config = fault_config(work)
+    config = harness.fault_config(work)
 
     start = time.perf_counter()
-    process = tiedlm("train", config, "--out", work / "reference")
-    wait_for(work / "reference" / "checkpoints" / "epoch-0000")
+    process = harness.tiedlm("train", config, "--out", work / "reference")
+    harness.wait_for(work / "reference" / "checkpoints" / "epoch-0000")
     training_started = time.perf_counter()
-    code, err = finish(process)
+    code, err = harness.finish(process)
     assert code == 0, err
     reference_s = time.perf_counter() - start
     training_s = time.perf_counter() - training_started  # from the first checkpoint to the exit
     reference = (
-        final_weights(work / "reference"),
+        harness.final_weights(work / "reference"),
         json.loads((work / "reference" / "final.json").read_text())["test_ppl"],
     )
     rows: list[dict] = []
@@ -87,15 +78,15 @@ def main() -> None:
     for index in range(args.random_kills):  # 1 to 3 SIGKILLs at random moments, then resume to the end
         run = work / f"random-{index}"
         kills = rng.randint(1, 3)
-        delays = [kill_randomly(config, run, rng, window_s=reference_s) for _ in range(kills)]
+        delays = [harness.kill_randomly(config, run, rng, window_s=reference_s) for _ in range(kills)]
         record(
             "sigkill-random", "delays " + ", ".join(f"{d:.2f}s" for d in delays), kills, outcome(run, reference, config)
         )
 
-    for point in KILL_POINTS:  # SIGKILL inside a checkpoint write, at its n-th call
+    for point in harness.KILL_POINTS:  # SIGKILL inside a checkpoint write, at its n-th call
         for nth in (1, 2, 3, 5, 7):
             run = work / f"{point}-{nth}"
-            code, _ = finish(tiedlm("train", config, "--out", run, kill_at=(point, nth)))
+            code, _ = harness.finish(harness.tiedlm("train", config, "--out", run, kill_at=(point, nth)))
             killed = code == -signal.SIGKILL
             record("sigkill-in-write", f"{point}, call {nth}", int(killed), outcome(run, reference, config))
 
@@ -106,13 +97,13 @@ def main() -> None:
     ):
         for index in range(4):
             run = work / f"{name}-{index}"
-            process = tiedlm("train", config, "--out", run)
-            wait_for(run / "checkpoints" / "epoch-0000")
+            process = harness.tiedlm("train", config, "--out", run)
+            harness.wait_for(run / "checkpoints" / "epoch-0000")
             time.sleep(rng.uniform(0.0, 0.5 * training_s))  # while it trains
             finished = (run / "final.json").exists()  # the run had completed: the signal hits its exit
             for signum in signals:
                 process.send_signal(signum)
-            code, _ = finish(process)
+            code, _ = harness.finish(process)
             expected = {128 + signals[0]} | ({0, -signals[0]} if finished else set())
             ok = code in expected and outcome(run, reference, config)
             when = "after the run completed" if finished else "during training"
@@ -132,9 +123,14 @@ def main() -> None:
             target = latest / victim
             apply(target)
             (run / "final.json").unlink()
-            code, err = finish(tiedlm("train", "--resume", run))
+            code, err = harness.finish(harness.tiedlm("train", "--resume", run))
             named = victim in err and "falling back" in err
-            ok = code == 0 and named and visible_files_intact(run) and same_weights(final_weights(run), reference[0])
+            ok = (
+                code == 0
+                and named
+                and harness.visible_files_intact(run)
+                and harness.same_weights(harness.final_weights(run), reference[0])
+            )
             record("damaged-checkpoint", f"{damage}: {victim}", 1, ok)
 
     nan = subprocess.run(

@@ -34,6 +34,7 @@ from tiedlm.data import Corpus, batchify, bptt_windows, load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
 from tiedlm.models import build_model
+from tiedlm.models.common import init_uniform, output_layer
 from tiedlm.train import PHASES, TrainingStep, make_optimizer, resolve_device
 
 
@@ -86,11 +87,8 @@ class NaiveReference(nn.Module):
         self.embedding = nn.Embedding(vocab_size, size)
         self.lstm = nn.LSTM(size, size, layers, dropout=p if layers > 1 else 0.0)
         self.drop = nn.Dropout(p)
-        self.decoder = nn.Linear(size, vocab_size, bias=not config.model.tie_weights)
-        if config.model.tie_weights:
-            self.decoder.weight = self.embedding.weight
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -config.model.init_range, config.model.init_range)
+        self.decoder = output_layer(self.embedding, config.model.tie_weights)
+        init_uniform(self, config.model.init_range)
 
     def init_state(self, batch_size: int):
         shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
@@ -115,11 +113,8 @@ class NaiveRHN(nn.Module):
         self.input_h, self.input_t = nn.Linear(size, size, bias=False), nn.Linear(size, size, bias=False)
         self.micro_h = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
         self.micro_t = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
-        self.decoder = nn.Linear(size, vocab_size, bias=not model.tie_weights)
-        if model.tie_weights:
-            self.decoder.weight = self.embedding.weight
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -model.init_range, model.init_range)
+        self.decoder = output_layer(self.embedding, model.tie_weights)
+        init_uniform(self, model.init_range)
         for layer in self.micro_t:
             nn.init.constant_(layer.bias, model.transform_bias)
 

@@ -30,16 +30,23 @@ def read_run_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
-    """Write a PNG: perplexity against epoch (left) and wall time (right); solid valid, dashed train."""
+    """Write a PNG of the runs' metrics.jsonl (see ``plot_curves``)."""
+    runs = [(Path(d), read_run_metrics(Path(d))) for d in run_dirs]
+    labels = labels or [d.name if d.name not in ("", ".") else str(d) for d, _ in runs]
+    return plot_curves([(label, records) for label, (_, records) in zip(labels, runs, strict=True)], out)
+
+
+def plot_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path:
+    """Write a PNG atomically: perplexity against epoch (left) and wall time (right); solid valid, dashed train.
+
+    ``series`` is (label, per-epoch records with epoch, elapsed_s, valid_ppl and train_ppl) per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(d), read_run_metrics(Path(d))) for d in run_dirs]
-    labels = labels or [d.name if d.name not in ("", ".") else str(d) for d, _ in runs]
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for index, ((_, records), label) in enumerate(zip(runs, labels, strict=True)):
+    for index, (label, records) in enumerate(series):
         color = f"C{index % 10}"
         epochs = [r["epoch"] for r in records]
         minutes = [r["elapsed_s"] / 60 for r in records]

@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from tiedlm.config import ModelConfig
 from tiedlm.dropout import variational_mask
+from tiedlm.models.common import init_uniform, output_layer
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H)
 
@@ -42,11 +43,8 @@ class LSTMLanguageModel(nn.Module):
         size = config.hidden_size
         self.embedding = nn.Embedding(vocab_size, size)
         self.layers = nn.ModuleList(nn.LSTM(size, size) for _ in range(config.num_layers))
-        self.decoder = nn.Linear(size, vocab_size, bias=not config.tie_weights)
-        if config.tie_weights:
-            self.decoder.weight = self.embedding.weight
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -config.init_range, config.init_range)
+        self.decoder = output_layer(self.embedding, config.tie_weights)
+        init_uniform(self, config.init_range)
         self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
         # Under data parallelism: (start, stop, B). Masks are drawn for all B streams and rows
         # start:stop kept, so every rank sees the masks one process would (see distributed.py).

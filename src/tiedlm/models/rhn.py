@@ -35,6 +35,7 @@ from torch import nn
 
 from tiedlm.config import ModelConfig
 from tiedlm.dropout import variational_mask
+from tiedlm.models.common import init_uniform, output_layer
 
 State = tuple[torch.Tensor]
 
@@ -48,11 +49,8 @@ class RHNLanguageModel(nn.Module):
         self.input_weight = nn.Parameter(torch.empty(2 * size, size))  # [W_H; W_T], first micro-step only
         self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * size, size))  # [R_H^l; R_T^l]
         self.recurrent_bias = nn.Parameter(torch.empty(depth, 2 * size))  # [b_H^l; b_T^l]
-        self.decoder = nn.Linear(size, vocab_size, bias=not config.tie_weights)
-        if config.tie_weights:
-            self.decoder.weight = self.embedding.weight
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -config.init_range, config.init_range)
+        self.decoder = output_layer(self.embedding, config.tie_weights)
+        init_uniform(self, config.init_range)
         with torch.no_grad():
             self.recurrent_bias[:, size:].fill_(config.transform_bias)
         self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks

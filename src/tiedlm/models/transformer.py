@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tiedlm.config import ModelConfig
+from tiedlm.models.common import output_layer
 
 State = tuple[torch.Tensor]
 
@@ -54,9 +55,7 @@ class TransformerLanguageModel(nn.Module):
             for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(size)
-        self.decoder = nn.Linear(size, vocab_size, bias=not config.tie_weights)
-        if config.tie_weights:
-            self.decoder.weight = self.embedding.weight
+        self.decoder = output_layer(self.embedding, config.tie_weights)
         for name, parameter in self.named_parameters():
             if parameter.dim() > 1:
                 nn.init.uniform_(parameter, -config.init_range, config.init_range)

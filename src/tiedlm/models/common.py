@@ -1,0 +1,20 @@
+"""Pieces every architecture shares: the (tied) output layer and the uniform initialisation."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def output_layer(embedding: nn.Embedding, tie: bool) -> nn.Linear:
+    """The decoder: with ``tie`` its weight *is* the embedding matrix L and it has no bias."""
+    vocab_size, size = embedding.weight.shape
+    decoder = nn.Linear(size, vocab_size, bias=not tie)
+    if tie:
+        decoder.weight = embedding.weight
+    return decoder
+
+
+def init_uniform(module: nn.Module, init_range: float) -> None:
+    """Every parameter of ``module`` drawn from U(−init_range, init_range), in registration order."""
+    for parameter in module.parameters():
+        nn.init.uniform_(parameter, -init_range, init_range)
