@@ -16,13 +16,16 @@ the batch. Tokens are processed grouped by target in chunks of at most
 backward pass, which recomputes rather than stores, so memory stays bounded
 for large vocabularies; a batch that fits in one block keeps ŷ and ỹ for the
 backward pass instead of recomputing them. The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
-with autocast disabled; the target side's matrix products (L[y]·Lᵀ and the gradient into L)
+with autocast disabled, each softmax with one exponential pass (its log-normaliser read off the
+largest probability), so the backward passes reuse ŷ instead of exponentiating log ŷ again;
+the target side's matrix products (L[y]·Lᵀ and the gradient into L)
 take their inputs in the logits' dtype, so bf16 training runs them in bf16 like the decoder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,32 +72,54 @@ def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: fl
     return torch.log_softmax(_mm(embedding[target_ids] / tau, embedding.t(), product), dim=-1)
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_j a_ij b_ij per row, as batched dot products (one read of each, no (n, V) temporary)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def _uniform(weights: torch.Tensor) -> float | None:
     """The common value of ``weights`` when they are all equal (as in a summed loss), else None."""
     first = weights[:1]
     return float(first) if weights.numel() and bool((weights == first).all()) else None
 
 
+def _softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(x) and logsumexp(x) along the last dimension with one exponential pass: the largest
+    probability sits where the largest entry is, so lse = max x − log max p (max p ≥ 1/|V|: exact)."""
+    p = torch.softmax(x, dim=-1)
+    return p, x.amax(-1) - p.amax(-1).log()
+
+
+class _Block(NamedTuple):
+    """One block of the KL: tokens whose targets are ``target_ids``; (n, V) rows per token, (U, V) per unit."""
+
+    target_ids: torch.Tensor  # (U,)
+    tokens: torch.Tensor | slice  # which tokens of the batch
+    row: torch.Tensor  # (n,) which of the U each token's target is
+    p_hat: torch.Tensor  # (n, V) ŷ = softmax(z/τ)
+    scaled: torch.Tensor  # (n, V) z/τ
+    lse: torch.Tensor  # (n,) logsumexp(z/τ), so log ŷ = z/τ − lse
+    q_rows: torch.Tensor  # (n, V) ỹ of each token's target
+    log_q: torch.Tensor  # (U, V) log ỹ
+    q: torch.Tensor  # (U, V) ỹ
+
+
+def _block(z, emb, tau, product, target_ids, tokens, row) -> _Block:
+    log_q = _target_log_probs(emb, target_ids, tau, product)
+    q = log_q.exp()
+    scaled = z[tokens] / tau
+    p_hat, lse = _softmax_and_lse(scaled)
+    return _Block(target_ids, tokens, row, p_hat, scaled, lse, q.index_select(0, row), log_q, q)
+
+
 def _kl_forward(z: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int, product):
-    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept holds ŷ, ỹ of a batch that fits one block.
+    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept is the block of a batch that fits one.
 
     The target side's matrix products take their inputs in ``product``'s dtype (the logits')."""
     kl = z.new_empty(z.size(0))
     kept = None
-    for target_ids, tokens, row in _groups(targets, chunk_rows):
-        log_q = _target_log_probs(emb, target_ids, tau, product)  # (U, V)
-        q = log_q.exp()
-        neg_entropy = _row_dot(q, log_q)  # (U,)
-        log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
-        q_rows = q.index_select(0, row)  # (n, V)
-        kl[tokens] = neg_entropy[row] - _row_dot(q_rows, log_p)
-        if isinstance(tokens, slice):  # one block: keep ŷ and ỹ for the backward pass
-            kept = (log_p, q_rows, log_q, q, row)
+    for group in _groups(targets, chunk_rows):
+        block = _block(z, emb, tau, product, *group)
+        neg_entropy = torch.linalg.vecdot(block.q, block.log_q)  # (U,) Σ ỹ log ỹ
+        cross = torch.linalg.vecdot(block.q_rows, block.scaled) - block.lse  # Σ ỹ log ŷ, as Σ ỹ = 1
+        kl[block.tokens] = neg_entropy[block.row] - cross
+        if isinstance(block.tokens, slice):  # one block: keep it for the backward pass
+            kept = block
     return kl, kept
 
 
@@ -108,40 +133,38 @@ def _kl_backward(
     grad_emb = torch.zeros_like(emb) if train_target else None
     if want_z and grad_z is None and kept is None:
         grad_z = torch.zeros_like(logits, dtype=g.dtype)
-    z = None if kept else logits.to(g.dtype)
-    groups = [(targets.unique(), slice(None), kept[4])] if kept else _groups(targets, chunk_rows)
-    for target_ids, tokens, row in groups:
-        if kept is not None:
-            log_p, q, log_q, q_units, _ = kept
-        else:
-            log_q = _target_log_probs(emb, target_ids, tau, logits)  # (U, V)
-            q_units = log_q.exp()
-            q = q_units.index_select(0, row)  # (n, V)
-            log_p = torch.log_softmax(z[tokens] / tau, dim=-1)  # (n, V)
+    if kept is not None:
+        blocks = [kept]
+    else:
+        z = logits.to(g.dtype)
+        blocks = (_block(z, emb, tau, logits, *group) for group in _groups(targets, chunk_rows))
+    for block in blocks:
+        target_ids, tokens, row = block.target_ids, block.tokens, block.row
         weights = g[tokens]
         if want_z:
             scale = (weights / tau).unsqueeze(1)
             if grad_z is None:
-                grad_z = (log_p.exp() - q).mul_(scale)  # (ŷ − ỹ)/τ
+                grad_z = (block.p_hat - block.q_rows).mul_(scale)  # (ŷ − ỹ)/τ
             elif isinstance(tokens, slice):
-                grad_z.addcmul_(log_p.exp(), scale).addcmul_(q, scale, value=-1.0)
+                grad_z.addcmul_(block.p_hat, scale).addcmul_(block.q_rows, scale, value=-1.0)
             else:
-                grad_z[tokens] += (log_p.exp() - q).mul_(scale)  # the tokens of a block are distinct
+                grad_z[tokens] += (block.p_hat - block.q_rows).mul_(scale)  # the tokens of a block are distinct
         if grad_emb is not None:
             # ∂KL_t/∂s_j = ỹ_j (log ỹ_j − log ŷ_tj − KL_t) for the scores s = L[y]·Lᵀ/τ. Summed over the
             # tokens t that share target u, with weights g_t: ỹ_u ⊙ (G_u log ỹ_u − S_u − K_u), where
-            # G_u = Σ g_t, S_u = Σ g_t log ŷ_t, K_u = Σ g_t KL_t: one (n, V) pass instead of five.
+            # G_u = Σ g_t, K_u = Σ g_t KL_t and S_u = Σ g_t log ŷ_t = Σ g_t z_t/τ − Σ g_t lse_t:
+            # one (n, V) pass instead of five.
             units = target_ids.numel()
             d_rows = torch.zeros(units, emb.size(0), dtype=g.dtype, device=emb.device)
             common = _uniform(weights)
-            if common is not None:  # a summed loss: every g_t alike, no weighted copy of log ŷ
-                d_rows.index_add_(0, row, log_p, alpha=-common)  # −S_u
+            if common is not None:  # a summed loss: every g_t alike, no weighted copy of z/τ
+                d_rows.index_add_(0, row, block.scaled, alpha=-common)  # −Σ g_t z_t/τ
             else:
-                d_rows.index_add_(0, row, log_p * weights.unsqueeze(1), alpha=-1.0)
+                d_rows.index_add_(0, row, block.scaled * weights.unsqueeze(1), alpha=-1.0)
             totals = torch.zeros(2, units, dtype=g.dtype, device=emb.device)
             totals[0].index_add_(0, row, weights)  # G_u
-            totals[1].index_add_(0, row, weights * kl[tokens])  # K_u
-            d_rows.addcmul_(log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(q_units)
+            totals[1].index_add_(0, row, weights * (kl[tokens] - block.lse))  # K_u − Σ g_t lse_t
+            d_rows.addcmul_(block.log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(block.q)
             grad_emb.index_add_(0, target_ids, _mm(d_rows, emb, logits) / tau)
             grad_emb += _mm(d_rows.t(), emb[target_ids], logits) / tau
     return grad_z, grad_emb
@@ -149,6 +172,19 @@ def _kl_backward(
 
 def _float(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _softmax_and_cross_entropy(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(x) (N, V), kept for the backward pass, and −log softmax(x)[y] = lse − x_y per token."""
+    p, lse = _softmax_and_lse(x)
+    return p, lse - x.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def _cross_entropy_grad(p: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(softmax − onehot(y)) · g per token, in a fresh tensor (``p`` is left as it is)."""
+    out = p * grad.unsqueeze(1)
+    out[torch.arange(targets.numel(), device=targets.device), targets] -= grad
+    return out
 
 
 class _AugmentedKL(torch.autograd.Function):
@@ -188,25 +224,23 @@ class _CrossEntropyAndKL(torch.autograd.Function):
         dtype = _float(logits)
         with torch.autocast(logits.device.type, enabled=False):
             z = logits.to(dtype)
-            log_p = torch.log_softmax(z if bias is None else z + bias.to(dtype), dim=-1)  # (N, V)
-            ce = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+            p, ce = _softmax_and_cross_entropy(z if bias is None else z + bias.to(dtype), targets)
             kl, kept = _kl_forward(z, embedding.to(dtype), targets, tau, chunk_rows, logits)
-        ctx.save_for_backward(logits, embedding, targets, kl, log_p)
+        ctx.save_for_backward(logits, embedding, targets, kl, p)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         ctx.has_bias = bias is not None
         return ce, kl
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):
-        logits, embedding, targets, kl, log_p = ctx.saved_tensors
+        logits, embedding, targets, kl, p = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
         dtype = kl.dtype
         grad_z = grad_bias = grad_emb = None
         with torch.autocast(logits.device.type, enabled=False):
             if grad_ce is not None:
                 grad_ce = grad_ce.to(dtype)
-                grad_z = log_p.exp().mul_(grad_ce.unsqueeze(1))
-                grad_z[torch.arange(targets.numel(), device=targets.device), targets] -= grad_ce
+                grad_z = _cross_entropy_grad(p, targets, grad_ce)
                 if ctx.has_bias and ctx.needs_input_grad[1]:
                     grad_bias = grad_z.sum(0)
             if grad_kl is not None:
@@ -248,22 +282,20 @@ def augmented_kl(
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """−log softmax(z)[y] per token, with the gradient softmax(z) − onehot(y) written in place."""
+    """−log softmax(z)[y] per token; keeps softmax(z), so the backward pass needs no exponential."""
 
     @staticmethod
     def forward(ctx, logits, targets):
         with torch.autocast(logits.device.type, enabled=False):
-            log_p = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-        ctx.save_for_backward(log_p, targets)
+            p, ce = _softmax_and_cross_entropy(logits.float(), targets)
+        ctx.save_for_backward(p, targets)
         ctx.input_dtype = logits.dtype
-        return -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+        return ce
 
     @staticmethod
     def backward(ctx, grad):
-        log_p, targets = ctx.saved_tensors
-        grad_logits = log_p.exp().mul_(grad.unsqueeze(1))
-        grad_logits[torch.arange(targets.numel(), device=targets.device), targets] -= grad
-        return grad_logits.to(ctx.input_dtype), None
+        p, targets = ctx.saved_tensors
+        return _cross_entropy_grad(p, targets, grad).to(ctx.input_dtype), None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
