@@ -194,3 +194,23 @@ def test_fused_loss_with_one_output_unused(problem):
     (grad,) = torch.autograd.grad(ce.sum(), logits)
     (expected,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), logits)
     torch.testing.assert_close(grad, expected)
+
+
+def test_softmax_and_lse_match_torch_even_for_extreme_logits():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1000, generator=generator) * 5
+    x[0] += 1e4  # a huge offset: a naive exp would overflow
+    x[1, 7] = 200.0  # one dominant entry: every other probability underflows
+    x[2] = 0.0  # all equal: the largest probability is 1/|V|
+    p, lse = loss_module._softmax_and_lse(x)
+    torch.testing.assert_close(p, torch.softmax(x, -1))
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5)
+
+
+def test_cross_entropy_is_exact_where_the_target_probability_underflows():
+    logits = torch.zeros(2, 50)
+    logits[:, 0] = 120.0  # softmax gives the target (index 5) probability exp(-120): 0 in fp32
+    targets = torch.tensor([5, 0])
+    ce = loss_module.cross_entropy(logits.requires_grad_(), targets)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
+    assert torch.isfinite(ce).all() and ce[0] > 119
