@@ -202,7 +202,7 @@ def test_softmax_and_lse_match_torch_even_for_extreme_logits():
     x[0] += 1e4  # a huge offset: a naive exp would overflow
     x[1, 7] = 200.0  # one dominant entry: every other probability underflows
     x[2] = 0.0  # all equal: the largest probability is 1/|V|
-    p, lse = loss_module._softmax_and_lse(x)
+    p, lse = loss_module._softmax_and_lse(x, torch.float32)
     torch.testing.assert_close(p, torch.softmax(x, -1))
     torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5)
 
@@ -214,3 +214,20 @@ def test_cross_entropy_is_exact_where_the_target_probability_underflows():
     ce = loss_module.cross_entropy(logits.requires_grad_(), targets)
     torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
     assert torch.isfinite(ce).all() and ce[0] > 119
+
+
+def test_bf16_logits_track_the_fp32_loss_and_gradients():
+    generator = torch.Generator().manual_seed(4)
+    logits = (torch.randn(40, 300, generator=generator) * 4).bfloat16()
+    embedding = torch.randn(300, 16, generator=generator) * 0.5
+    targets = torch.randint(0, 300, (40,), generator=generator)
+    results = []
+    for z in (logits.float(), logits):  # the same values; the second runs the target side's products in bf16
+        z = z.clone().requires_grad_()
+        e = embedding.clone().requires_grad_()
+        ce, kl = AugmentedLoss(tau=5.0, gamma=0.5).components(z, targets, e)
+        grads = torch.autograd.grad(ce.sum() + kl.sum(), (z, e))
+        assert ce.dtype == kl.dtype == torch.float32 and grads[0].dtype == z.dtype
+        results.append((ce, kl, grads[0].float(), grads[1]))
+    for ours, exact in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, exact, rtol=0.03, atol=2e-3)

@@ -60,16 +60,22 @@ def _groups(
             yield unique[u0:u1], tokens, inverse[tokens] - u0
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
-    """a @ b with the inputs in ``product``'s dtype (bf16 under bf16 training), the result in a's dtype."""
-    if product.dtype == a.dtype:
+def _mm(a: torch.Tensor, b: torch.Tensor, product: torch.dtype) -> torch.Tensor:
+    """a @ b with the inputs in ``product`` (bf16 under bf16 training), the result in a's dtype."""
+    if product == a.dtype:
         return a @ b
-    return (a.to(product.dtype) @ b.to(product.dtype)).to(a.dtype)
+    return (a.to(product) @ b.to(product)).to(a.dtype)
 
 
 def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: float, product) -> torch.Tensor:
     """log ỹ for each target id: log_softmax(L[y] · Lᵀ / τ), shape (U, |V|)."""
     return torch.log_softmax(_mm(embedding[target_ids] / tau, embedding.t(), product), dim=-1)
+
+
+def _scaled(logits: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
+    """logits / τ in ``dtype``, read from bf16 logits and converted in the same pass (a one-element
+    tensor takes part in type promotion, a Python number would not)."""
+    return logits * torch.full((1,), 1.0 / tau, dtype=dtype, device=logits.device)
 
 
 def _uniform(weights: torch.Tensor) -> float | None:
@@ -78,11 +84,11 @@ def _uniform(weights: torch.Tensor) -> float | None:
     return float(first) if weights.numel() and bool((weights == first).all()) else None
 
 
-def _softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(x) and logsumexp(x) along the last dimension with one exponential pass: the largest
-    probability sits where the largest entry is, so lse = max x − log max p (max p ≥ 1/|V|: exact)."""
-    p = torch.softmax(x, dim=-1)
-    return p, x.amax(-1) - p.amax(-1).log()
+def _softmax_and_lse(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(x) and logsumexp(x) in ``dtype`` along the last dimension with one exponential pass: the
+    largest probability sits where the largest entry is, so lse = max x − log max p (max p ≥ 1/|V|)."""
+    p = torch.softmax(x, dim=-1, dtype=dtype)
+    return p, x.amax(-1).to(dtype) - p.amax(-1).log()
 
 
 class _Block(NamedTuple):
@@ -99,22 +105,24 @@ class _Block(NamedTuple):
     q: torch.Tensor  # (U, V) ỹ
 
 
-def _block(z, emb, tau, product, target_ids, tokens, row) -> _Block:
-    log_q = _target_log_probs(emb, target_ids, tau, product)
+def _block(logits, emb, tau, target_ids, tokens, row) -> _Block:
+    """The block's arrays in ``emb``'s dtype; the target side's products in the logits' dtype."""
+    log_q = _target_log_probs(emb, target_ids, tau, logits.dtype)
     q = log_q.exp()
-    scaled = z[tokens] / tau
-    p_hat, lse = _softmax_and_lse(scaled)
+    scaled = _scaled(logits[tokens], tau, emb.dtype)
+    p_hat, lse = _softmax_and_lse(scaled, emb.dtype)
     return _Block(target_ids, tokens, row, p_hat, scaled, lse, q.index_select(0, row), log_q, q)
 
 
-def _kl_forward(z: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int, product):
+def _kl_forward(logits: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int):
     """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept is the block of a batch that fits one.
 
-    The target side's matrix products take their inputs in ``product``'s dtype (the logits')."""
-    kl = z.new_empty(z.size(0))
+    The loss is computed in ``emb``'s dtype; the target side's matrix products take their inputs
+    in the logits' dtype."""
+    kl = emb.new_empty(logits.size(0))
     kept = None
     for group in _groups(targets, chunk_rows):
-        block = _block(z, emb, tau, product, *group)
+        block = _block(logits, emb, tau, *group)
         neg_entropy = torch.linalg.vecdot(block.q, block.log_q)  # (U,) Σ ỹ log ỹ
         cross = torch.linalg.vecdot(block.q_rows, block.scaled) - block.lse  # Σ ỹ log ŷ, as Σ ỹ = 1
         kl[block.tokens] = neg_entropy[block.row] - cross
@@ -136,8 +144,7 @@ def _kl_backward(
     if kept is not None:
         blocks = [kept]
     else:
-        z = logits.to(g.dtype)
-        blocks = (_block(z, emb, tau, logits, *group) for group in _groups(targets, chunk_rows))
+        blocks = (_block(logits, emb, tau, *group) for group in _groups(targets, chunk_rows))
     for block in blocks:
         target_ids, tokens, row = block.target_ids, block.tokens, block.row
         weights = g[tokens]
@@ -165,8 +172,8 @@ def _kl_backward(
             totals[0].index_add_(0, row, weights)  # G_u
             totals[1].index_add_(0, row, weights * (kl[tokens] - block.lse))  # K_u − Σ g_t lse_t
             d_rows.addcmul_(block.log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(block.q)
-            grad_emb.index_add_(0, target_ids, _mm(d_rows, emb, logits) / tau)
-            grad_emb += _mm(d_rows.t(), emb[target_ids], logits) / tau
+            grad_emb.index_add_(0, target_ids, _mm(d_rows, emb, logits.dtype) / tau)
+            grad_emb += _mm(d_rows.t(), emb[target_ids], logits.dtype) / tau
     return grad_z, grad_emb
 
 
@@ -174,10 +181,10 @@ def _float(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _softmax_and_cross_entropy(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(x) (N, V), kept for the backward pass, and −log softmax(x)[y] = lse − x_y per token."""
-    p, lse = _softmax_and_lse(x)
-    return p, lse - x.gather(1, targets.unsqueeze(1)).squeeze(1)
+def _softmax_and_cross_entropy(x: torch.Tensor, targets: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(x) (N, V), kept for the backward pass, and −log softmax(x)[y] = lse − x_y per token, in dtype."""
+    p, lse = _softmax_and_lse(x, dtype)
+    return p, lse - x.gather(1, targets.unsqueeze(1)).squeeze(1).to(dtype)
 
 
 def _cross_entropy_grad(p: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -192,7 +199,7 @@ class _AugmentedKL(torch.autograd.Function):
     def forward(ctx, logits, embedding, targets, tau, chunk_rows, train_target):
         dtype = _float(logits)
         with torch.autocast(logits.device.type, enabled=False):
-            kl, kept = _kl_forward(logits.to(dtype), embedding.to(dtype), targets, tau, chunk_rows, logits)
+            kl, kept = _kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
         ctx.save_for_backward(logits, embedding, targets, kl)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         return kl.to(logits.dtype)
@@ -223,9 +230,9 @@ class _CrossEntropyAndKL(torch.autograd.Function):
     def forward(ctx, logits, bias, embedding, targets, tau, chunk_rows, train_target):
         dtype = _float(logits)
         with torch.autocast(logits.device.type, enabled=False):
-            z = logits.to(dtype)
-            p, ce = _softmax_and_cross_entropy(z if bias is None else z + bias.to(dtype), targets)
-            kl, kept = _kl_forward(z, embedding.to(dtype), targets, tau, chunk_rows, logits)
+            shifted = logits if bias is None else logits + bias.to(dtype)  # bf16 + fp32: fp32, one pass
+            p, ce = _softmax_and_cross_entropy(shifted, targets, dtype)
+            kl, kept = _kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
         ctx.save_for_backward(logits, embedding, targets, kl, p)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         ctx.has_bias = bias is not None
@@ -287,7 +294,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets):
         with torch.autocast(logits.device.type, enabled=False):
-            p, ce = _softmax_and_cross_entropy(logits.float(), targets)
+            p, ce = _softmax_and_cross_entropy(logits, targets, torch.float32)
         ctx.save_for_backward(p, targets)
         ctx.input_dtype = logits.dtype
         return ce
