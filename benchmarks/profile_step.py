@@ -1,10 +1,11 @@
 """Where a training step's time goes: torch.profiler over tiedlm's step and the naive reference.
 
-    python benchmarks/profile_step.py          # ~3 min on 2 cores
+    python benchmarks/profile_step.py          # ~4 min on 2 cores
 
-Explains the CPU targets of benchmarks/RESULTS.md that are not met. For each case
-(PTB small REAL on the fastest path, bf16 + fast VD, and on the configs' default
-path, fp32 + exact VD; PTB medium REAL bf16 + fast) it
+Explains the CPU targets of benchmarks/RESULTS.md. For each case (PTB small REAL
+on the fastest path, bf16 + fast VD, eager and with `train.compile = true`, and on
+the configs' default path, fp32 + exact VD; PTB medium REAL bf16 + fast, eager and
+compiled) it
 
 1. times training windows without the profiler (median, as `tiedlm bench`);
 2. profiles further windows of tiedlm's TrainingStep and of the naive reference
@@ -36,10 +37,12 @@ from tiedlm.runtime import tune_allocator
 from tiedlm.train import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = [
-    ("configs/ptb/small-real.toml", "bf16", "fast"),
-    ("configs/ptb/small-real.toml", "fp32", "exact"),
-    ("configs/ptb/medium-real.toml", "bf16", "fast"),
+CASES = [  # config, precision, VD mode, train.compile
+    ("configs/ptb/small-real.toml", "bf16", "fast", False),
+    ("configs/ptb/small-real.toml", "bf16", "fast", True),
+    ("configs/ptb/small-real.toml", "fp32", "exact", False),
+    ("configs/ptb/medium-real.toml", "bf16", "fast", False),
+    ("configs/ptb/medium-real.toml", "bf16", "fast", True),
 ]
 CATEGORIES = ("matrix products", "(tokens x |V|) element-wise", "optimizer and clipping", "other operators",
               "between operators (Python, dispatch)")  # fmt: skip
@@ -51,6 +54,7 @@ def is_product(name: str) -> bool:
 
 
 WINDOW = "profile.window"
+COMPILED = "CompiledFxGraph"
 
 
 def phase_of(event) -> str | None:
@@ -93,7 +97,8 @@ def categorise(windows: list[list], shaped: list, vocab_size: int) -> tuple[dict
     same operator (a window runs the same code), so it says which events are (tokens x |V|).
     """
     names = [event.name for event in shaped]
-    wide = [vocab_wide(event, vocab_size) for event in shaped]
+    # The fused loss of train.compile = true: its (tokens x |V|) kernels run as one compiled graph.
+    wide = [COMPILED in event.name or vocab_wide(event, vocab_size) for event in shaped]
     totals = dict.fromkeys(CATEGORIES, 0.0)
     operators: dict[tuple[str, bool], float] = {}
     matched = [events for events in windows if [event.name for event in events] == names]
@@ -117,7 +122,7 @@ def categorise(windows: list[list], shaped: list, vocab_size: int) -> tuple[dict
             else:
                 category = CATEGORIES[3]
             totals[category] += own
-            key = (event.name, is_wide)
+            key = ("compiled loss kernels (torch.compile)" if COMPILED in event.name else event.name, is_wide)
             operators[key] = operators.get(key, 0.0) + own
     ranked = sorted(operators.items(), key=lambda item: -item[1])
     rows = [{"operator": name, "vocab_wide": is_wide, "ms_per_window": ms} for (name, is_wide), ms in ranked]
@@ -135,8 +140,9 @@ def bandwidth_gb_s(elements: int, repeats: int = 10) -> float:
     return 3 * 4 * elements / best / 1e9
 
 
-def measure(config_path: str, precision: str, mode: str, windows: int, profiled: int) -> dict:
-    overrides = [f"train.precision={precision}", f"model.dropout_mode={mode}", "train.device=cpu"]
+def measure(config_path: str, precision: str, mode: str, compiled: bool, windows: int, profiled: int) -> dict:
+    overrides = [f"train.precision={precision}", f"model.dropout_mode={mode}", "train.device=cpu",
+                 f"train.compile={str(compiled).lower()}"]  # fmt: skip
     config = load_config(ROOT / config_path, overrides)
     warmup = 3
     work = workload(config, windows + profiled + 1, warmup)
@@ -167,6 +173,7 @@ def measure(config_path: str, precision: str, mode: str, windows: int, profiled:
         "config": config.name,
         "precision": precision,
         "dropout_mode": mode,
+        "compile": compiled,
         "tokens_per_window": tokens,
         "vocab_size": work.vocab_size,
         "unique_target_fraction": work.unique_fraction,
@@ -207,7 +214,8 @@ def render(result: dict) -> str:
         "(batch 20 × 35) per case, after 3 warm-up windows. Each operator's own CPU time is",
         'sorted into a category; "(tokens x |V|) element-wise" is every non-product operator',
         "with an input whose last dimension is |V| (the logits, the τ-softmaxes, the KL and",
-        'their gradients); "between operators" is time inside the window not spent in any',
+        "their gradients; with `train.compile = true`, the compiled kernels that fuse them and",
+        'the CE); "between operators" is time inside the window not spent in any',
         "operator. A profiled window (the sum of these) is slower than an unprofiled one by the",
         "profiler's own cost; the bounds below scale the shares to the unprofiled window. The",
         "naive reference is `tiedlm.bench.naive_step` on the same batches (one more window, traced",
@@ -218,7 +226,8 @@ def render(result: dict) -> str:
         b = bounds(row)
         mine, naive = row["breakdown_ms"]["tiedlm"], row["breakdown_ms"]["naive"]
         lines += [
-            f"## {row['config']}, {row['precision']}, VD {row['dropout_mode']}",
+            f"## {row['config']}, {row['precision']}, VD {row['dropout_mode']}"
+            + (", `train.compile = true`" if row.get("compile") else ""),
             "",
             f"Training {row['train_tokens_per_s']:,.0f} tok/s (naive reference "
             f"{row['reference_train_tokens_per_s']:,.0f}, ratio "
@@ -266,9 +275,9 @@ def main() -> None:
     tune_allocator()
     began = time.perf_counter()
     rows = []
-    for config_path, precision, mode in CASES:
-        row = measure(config_path, precision, mode, args.windows, args.profiled)
-        print(f"{row['config']} {precision} {mode}: {row['train_tokens_per_s']:,.0f} tok/s", flush=True)
+    for config_path, precision, mode, compiled in CASES:
+        row = measure(config_path, precision, mode, compiled, args.windows, args.profiled)
+        print(f"{row['config']} {precision} {mode} compile={compiled}: {row['train_tokens_per_s']:,.0f} tok/s")
         rows.append(row)
     result = record("profile_step.py", began, threads=torch.get_num_threads(), windows=args.windows,
                     profiled=args.profiled, rows=rows)  # fmt: skip

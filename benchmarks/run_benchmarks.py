@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/run_benchmarks.py            # everything (~20 min on 2 cores)
 
 1. `tiedlm bench` on PTB small and medium REAL for each speed path
-   (precision fp32/bf16 × VD dropout exact/fast), with the naive reference.
+   (precision fp32/bf16 × VD dropout exact/fast, and `train.compile = true`
+   on the fastest and the default path), with the naive reference.
 2. Evaluation of the whole PTB test set with batch size 1 (medium and small;
    random weights: the time does not depend on them).
 3. The perplexity cost of each speed path: PTB small REAL trained for a fixed
@@ -36,14 +37,17 @@ from tiedlm.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [("fp32", "exact"), ("fp32", "fast"), ("bf16", "exact"), ("bf16", "fast")]
+COMPILED = [("fp32", "exact"), ("bf16", "fast")]  # also timed with train.compile = true
 
 
 def speed(config_path: Path, windows: int) -> list[dict]:
     rows = []
-    for precision, mode in VARIANTS:
+    paths = [(*path, False) for path in VARIANTS] + [(*path, True) for path in COMPILED]
+    for precision, mode, compiled in paths:
         config = load_config(config_path, [f"train.precision={precision}", f"model.dropout_mode={mode}",
-                                           "train.device=cpu"])  # fmt: skip
+                                           f"train.compile={str(compiled).lower()}", "train.device=cpu"])  # fmt: skip
         report = bench(config, windows=windows, warmup=3, reference=True)
+        report["compile"] = compiled
         print(json.dumps(report), flush=True)
         rows.append(report)
     return rows
@@ -130,9 +134,13 @@ def main() -> None:
 
 
 SPEED_HEADER = (
-    "| config | precision | VD mode | train tok/s | reference tok/s | ratio | GFLOP/s (of peak) "
+    "| config | precision | VD mode | compile | train tok/s | reference tok/s | ratio | GFLOP/s (of peak) "
     "| eval tok/s (batch 10) | peak RSS MB |"
 )
+
+
+def _path(row: dict) -> str:
+    return f"{row['precision']}, {row['dropout_mode']}" + (", compile" if row.get("compile") else "")
 
 
 def targets(r: dict) -> str:
@@ -147,7 +155,7 @@ def targets(r: dict) -> str:
         row = best[config]
         lines.append(
             f"| {config} training ≥ {goal:,} tok/s | {row['train_tokens_per_s']:,.0f} "
-            f"({row['precision']}, {row['dropout_mode']}) | {'yes' if row['train_tokens_per_s'] >= goal else 'no'} |"
+            f"({_path(row)}) | {'yes' if row['train_tokens_per_s'] >= goal else 'no'} |"
         )
         lines.append(
             f"| {config} ≥ 2x the naive reference | {row['speedup_over_reference']:.2f}x | "
@@ -162,7 +170,8 @@ def targets(r: dict) -> str:
 
 def render(r: dict) -> str:
     speed_rows = "\n".join(
-        f"| {s['config']} | {s['precision']} | {s['dropout_mode']} | {s['train_tokens_per_s']:,.0f} | "
+        f"| {s['config']} | {s['precision']} | {s['dropout_mode']} | {'yes' if s.get('compile') else 'no'} "
+        f"| {s['train_tokens_per_s']:,.0f} | "
         f"{s['reference_train_tokens_per_s']:,.0f} | {s['speedup_over_reference']:.2f}x | "
         f"{s['achieved_gflops']:.0f} ({s['fraction_of_peak']:.0%}) | {s['eval_tokens_per_s']:,.0f} | "
         f"{s['peak_memory_mb']:,.0f} |"
@@ -189,10 +198,12 @@ Median over timed BPTT windows (batch 20 × 35) after 3 warm-up windows. The
 reference is the same model written naively (`nn.LSTM` + `nn.Linear` +
 `F.cross_entropy`, fp32, plain dropout, the augmented loss from its
 definition) on the same batches. GFLOP/s counts matrix products only; the
-fraction is of the measured peak of the run's precision.
+fraction is of the measured peak of the run's precision. "compile" is
+`train.compile = true`: the augmented loss's (tokens × |V|) work fused by
+`torch.compile` (`tiedlm/fused_loss.py`; the compilation happens in the warm-up windows).
 
 {SPEED_HEADER}
-|---|---|---|---:|---:|---:|---:|---:|---:|
+|---|---|---|---|---:|---:|---:|---:|---:|---:|
 {speed_rows}
 
 {targets(r)}

@@ -231,3 +231,37 @@ def test_bf16_logits_track_the_fp32_loss_and_gradients():
         results.append((ce, kl, grads[0].float(), grads[1]))
     for ours, exact in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, exact, rtol=0.03, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_loss_equals_the_eager_loss(dtype, monkeypatch):
+    from tiedlm import fused_loss
+
+    calls, original = [], fused_loss._token_forward
+    monkeypatch.setattr(fused_loss, "_token_forward", lambda *a: calls.append(1) or original(*a))
+    fused_loss._compiled.cache_clear()  # compile the counting wrapper
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(60, 500, generator=generator) * 3).to(dtype)
+    embedding = torch.randn(500, 16, generator=generator) * 0.5
+    targets = torch.randint(0, 500, (60,), generator=generator)
+    targets[:10] = 7  # repeated targets
+    weights = torch.rand(2, 60, generator=generator)  # unequal per-token weights
+    results = []
+    for compiled in (False, True):
+        z, e = logits.clone().requires_grad_(), embedding.clone().requires_grad_()
+        ce, kl = AugmentedLoss(5.0, 0.5, compiled=compiled).components(z, targets, e)
+        grads = torch.autograd.grad((ce * weights[0]).sum() + (kl * weights[1]).sum(), (z, e))
+        results.append((ce, kl, grads[0].float(), grads[1]))
+    fused_loss._compiled.cache_clear()
+    assert calls, "the compiled path did not run"
+    for fused, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_loss_falls_back_to_eager_with_a_bias(monkeypatch):
+    from tiedlm import fused_loss
+
+    monkeypatch.setattr(fused_loss, "fused_components", lambda *a, **k: pytest.fail("took the fused path"))
+    logits, embedding = torch.randn(8, 20, requires_grad=True), torch.randn(20, 4)
+    ce, kl = AugmentedLoss(2.0, 0.5, compiled=True).components(logits, torch.arange(8), embedding, torch.zeros(20))
+    assert ce.shape == kl.shape == (8,)

@@ -134,21 +134,27 @@ def test_bf16_training_tracks_fp32(tmp_path, mode):
     assert results["bf16"] != results["fp32"]  # bf16 really ran
 
 
-def test_compile_setting_compiles_the_forward(config_file):
+def test_compile_settings_compile_the_loss_and_the_forward(config_file):
     from tiedlm.models import build_model
     from tiedlm.train import TrainingStep
 
-    config = load_config(config_file, ["train.compile=true"])
-    model = build_model(config.model, 31)
-    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=1.0), config)
-    assert step.forward is not model and hasattr(step.forward, "_orig_mod")
-    assert TrainingStep(model, torch.optim.SGD(model.parameters(), lr=1.0), load_config(config_file)).forward is model
+    def step(*settings):
+        config = load_config(config_file, ["loss.augmented=true", *settings])
+        model = build_model(config.model, 31)
+        return model, TrainingStep(model, torch.optim.SGD(model.parameters(), lr=1.0), config)
+
+    model, plain = step()
+    assert plain.forward is model and not plain.augmented.compiled
+    model, loss_only = step("train.compile=true")
+    assert loss_only.forward is model and loss_only.augmented.compiled
+    model, both = step("train.compile=true", "train.compile_model=true")
+    assert both.forward is not model and hasattr(both.forward, "_orig_mod")
 
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path, config_file):
     # Opt-in (-m slow): compiling takes ~40 s on 2 cores.
     eager = Trainer(load_config(config_file, ["train.max_epochs=1"]), tmp_path / "e", echo=lambda *a: None).fit()
-    config = load_config(config_file, ["train.max_epochs=1", "train.compile=true"])
+    config = load_config(config_file, ["train.max_epochs=1", "train.compile=true", "train.compile_model=true"])
     compiled = Trainer(config, tmp_path / "c", echo=lambda *a: None).fit()
     assert compiled["valid_ppl"] == pytest.approx(eager["valid_ppl"], rel=1e-4)

@@ -88,7 +88,9 @@ class TrainConfig:
     nonfinite_patience: int = field(default=5, metadata=_range(1))  # consecutive NaN/inf steps before a rollback
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     precision: str = field(default="fp32", metadata=_choice("fp32", "bf16"))  # bf16 = autocast matmuls
-    compile: bool = False  # torch.compile the model's forward (see benchmarks/RESULTS.md for when it wins)
+    # torch.compile what wins on a CPU (benchmarks/COMPILE.md): the augmented loss's fused (tokens x |V|) work
+    compile: bool = False
+    compile_model: bool = False  # also torch.compile the model's forward (slower on PTB small on a CPU)
     tensorboard: bool = True  # also log every epoch to RUN/tensorboard/ when `tensorboard` is installed
 
 

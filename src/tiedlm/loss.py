@@ -318,15 +318,24 @@ class AugmentedLoss(nn.Module):
     """J_tot = CE(z + b) + γ·τ·KL(ỹ ‖ ŷ) per token (SPEC §2).
 
     Call as ``loss_fn(logits, targets, embedding, bias=None)`` with bias-free
-    logits (N, |V|); returns (N,). Reduce it like cross-entropy.
+    logits (N, |V|); returns (N,). Reduce it like cross-entropy. With ``compiled``
+    a bias-free batch that fits one block goes through ``tiedlm.fused_loss``
+    (torch.compile fuses its (tokens × |V|) passes); the mathematics is the same.
     """
 
     def __init__(
-        self, tau: float, gamma: float, detach_target: bool = False, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+        self,
+        tau: float,
+        gamma: float,
+        detach_target: bool = False,
+        max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        *,
+        compiled: bool = False,
     ):
         super().__init__()
         self.tau, self.gamma, self.detach_target = float(tau), float(gamma), detach_target
         self.max_chunk_elements = max_chunk_elements
+        self.compiled = compiled
 
     def components(
         self, logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor | None = None
@@ -336,6 +345,10 @@ class AugmentedLoss(nn.Module):
         if not torch.is_grad_enabled():
             kl = augmented_kl(logits, targets, embedding, self.tau, max_chunk_elements=self.max_chunk_elements)
             return cross_entropy(logits, targets, bias), kl.float()
+        if self.compiled and bias is None and logits.numel() <= self.max_chunk_elements:
+            from tiedlm.fused_loss import fused_components
+
+            return fused_components(logits, targets, embedding, self.tau, self.detach_target)
         chunk_rows = max(1, self.max_chunk_elements // logits.size(1))
         ce, kl = _CrossEntropyAndKL.apply(
             logits, bias, embedding, targets, self.tau, chunk_rows, not self.detach_target
@@ -347,4 +360,4 @@ class AugmentedLoss(nn.Module):
         return ce + self.gamma * self.tau * kl
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, gamma={self.gamma}, detach_target={self.detach_target}"
+        return f"tau={self.tau}, gamma={self.gamma}, detach_target={self.detach_target}, compiled={self.compiled}"

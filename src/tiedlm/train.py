@@ -294,10 +294,14 @@ class TrainingStep:
         self.model, self.optimizer = model, optimizer
         self.world = world or World()
         self.forward = forward or model
-        if config.train.compile:
+        if config.train.compile_model:
             self.forward = torch.compile(self.forward)
         loss = config.loss
-        self.augmented = AugmentedLoss(loss.tau, loss.gamma, loss.detach_target) if loss.augmented else None
+        self.augmented = (
+            AugmentedLoss(loss.tau, loss.gamma, loss.detach_target, compiled=config.train.compile)
+            if loss.augmented
+            else None
+        )
         self.batch_size = config.data.batch_size // self.world.size
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
         self.precision = config.train.precision
