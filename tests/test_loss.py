@@ -265,3 +265,23 @@ def test_compiled_loss_falls_back_to_eager_with_a_bias(monkeypatch):
     logits, embedding = torch.randn(8, 20, requires_grad=True), torch.randn(20, 4)
     ce, kl = AugmentedLoss(2.0, 0.5, compiled=True).components(logits, torch.arange(8), embedding, torch.zeros(20))
     assert ce.shape == kl.shape == (8,)
+
+
+def test_compiled_loss_that_cannot_be_built_gives_one_line(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    from tiedlm import fused_loss
+    from tiedlm.errors import TiedlmError
+
+    def broken(_fn):
+        def run(*args):
+            raise TorchDynamoException("no working C++ compiler found\nlong traceback")
+
+        return run
+
+    monkeypatch.setattr(fused_loss.torch, "compile", broken)
+    fused_loss._compiled.cache_clear()
+    logits, embedding = torch.randn(8, 20, requires_grad=True), torch.randn(20, 4)
+    with pytest.raises(TiedlmError, match=r"^train.compile: .*no working C\+\+ compiler found\); set train.compile"):
+        AugmentedLoss(2.0, 0.5, compiled=True).components(logits, torch.arange(8), embedding)
+    fused_loss._compiled.cache_clear()

@@ -20,8 +20,11 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
+from torch._inductor.exc import InductorError
 
 from tiedlm import loss as eager
+from tiedlm.errors import TiedlmError
 
 
 def _token_forward(z, q, row, targets, tau: float):
@@ -44,7 +47,23 @@ def _token_backward(z, q, row, targets, lse, lse_tau, grad_ce, grad_kl, tau: flo
 
 @functools.cache
 def _compiled():
-    return torch.compile(_token_forward), torch.compile(_token_backward)
+    return _guarded(torch.compile(_token_forward)), _guarded(torch.compile(_token_backward))
+
+
+def _guarded(compiled):
+    """Turn a failure to build the kernels (no C++ compiler, no Triton, ...) into a one-line error."""
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except (TorchDynamoException, InductorError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TiedlmError(
+                f"train.compile: torch.compile could not build the fused loss kernels ({reason[:200]}); "
+                "set train.compile = false"
+            ) from None
+
+    return run
 
 
 class _FusedCrossEntropyAndKL(torch.autograd.Function):
