@@ -47,7 +47,6 @@ def speed(config_path: Path, windows: int) -> list[dict]:
         config = load_config(config_path, [f"train.precision={precision}", f"model.dropout_mode={mode}",
                                            f"train.compile={str(compiled).lower()}", "train.device=cpu"])  # fmt: skip
         report = bench(config, windows=windows, warmup=3, reference=True)
-        report["compile"] = compiled
         print(json.dumps(report), flush=True)
         rows.append(report)
     return rows

@@ -274,6 +274,8 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
         "precision": config.train.precision,
         "architecture": config.model.architecture,
         "dropout_mode": config.model.dropout_mode,
+        "compile": config.train.compile,
+        "compile_model": config.train.compile_model,
         "augmented": config.loss.augmented,
         "hidden_size": config.model.hidden_size,
         "vocab_size": vocab_size,
@@ -306,7 +308,9 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
 def format_report(report: dict) -> str:
     lines = [
         f"{report['config']}: {report['device']}, {report['threads']} threads, {report['precision']}, "
-        f"VD {report['dropout_mode']}, AL {'on' if report['augmented'] else 'off'}",
+        f"VD {report['dropout_mode']}, AL {'on' if report['augmented'] else 'off'}"
+        + (", compiled loss" if report.get("compile") else "")
+        + (", compiled model" if report.get("compile_model") else ""),
         f"  train      {report['train_tokens_per_s']:>10,.0f} tokens/s  "
         f"({report['achieved_gflops']:.0f} GFLOP/s = {report['fraction_of_peak']:.0%} of the "
         f"{report['precision']} matmul peak {report['matmul_peak_gflops'][report['precision']]:.0f} GFLOP/s)",
