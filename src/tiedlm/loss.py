@@ -128,6 +128,7 @@ def _kl_forward(logits: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, 
         kl[block.tokens] = neg_entropy[block.row] - cross
         if isinstance(block.tokens, slice):  # one block: keep it for the backward pass
             kept = block
+        del block  # before the next block is built: one block's arrays at a time
     return kl, kept
 
 
@@ -174,6 +175,8 @@ def _kl_backward(
             d_rows.addcmul_(block.log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(block.q)
             grad_emb.index_add_(0, target_ids, _mm(d_rows, emb, logits.dtype) / tau)
             grad_emb += _mm(d_rows.t(), emb[target_ids], logits.dtype) / tau
+            del d_rows
+        del block  # before the next block is built
     return grad_z, grad_emb
 
 
