@@ -162,7 +162,7 @@ def targets(r: dict) -> str:
         )
     fastest = min(medium_eval["fp32_s"], medium_eval["bf16_s"])
     lines.append(f"| PTB test, batch 1, medium < 60 s | {fastest:.1f} s | {'yes' if fastest < 60 else 'no'} |")
-    lines += ["", "Where the time of a training step goes, and what bounds the targets not met:",
+    lines += ["", "Where the time of a training step goes, operator by operator, and what bounds it:",
               "[PROFILE.md](PROFILE.md) (`python benchmarks/profile_step.py`)."]  # fmt: skip
     return "### Targets on this CPU\n\n" + "\n".join(lines)
 
@@ -200,6 +200,9 @@ definition) on the same batches. GFLOP/s counts matrix products only; the
 fraction is of the measured peak of the run's precision. "compile" is
 `train.compile = true`: the augmented loss's (tokens × |V|) work fused by
 `torch.compile` (`tiedlm/fused_loss.py`; the compilation happens in the warm-up windows).
+Peak RSS is the benchmark process's high-water mark, which only grows from row to
+row (all rows run in one process); `benchmarks/LARGE_VOCAB.md` measures memory
+with one process per case.
 
 {SPEED_HEADER}
 |---|---|---|---|---:|---:|---:|---:|---:|---:|
