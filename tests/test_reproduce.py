@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_config
 from tiedlm.cli import main
-from tiedlm.reproduce import count_parameters
+from tiedlm.reproduce import hardware_text, count_parameters
 
 PAPER = {"vd": (92.6, 87.3), "al": (86.3, 82.9), "re": (89.9, 85.1), "real": (86.3, 82.7)}
 SETTINGS = {"vd": (False, False), "al": (False, True), "re": (True, False), "real": (True, True)}
@@ -89,8 +89,16 @@ def test_an_interrupted_run_is_resumed(tables):
     assert reproduce(tables, "--variants", "re") == 0
     info = json.loads((run / "run.json").read_text())
     assert len(info["resumed"]) == 1 and (run / "final.json").is_file()
+    assert info["resumed"][0]["hardware"] == info["hardware"] and info["resumed"][0]["threads"] >= 1
     rows = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert rows[0]["resumed"] and rows[0]["status"] == "finished"
+
+
+def test_a_run_resumed_on_other_hardware_names_both():
+    info = {"hardware": "AMD EPYC, 2 threads", "resumed": [{"hardware": "AMD EPYC, 1 thread"}, {"command": []}]}
+    assert hardware_text(info) == "AMD EPYC, 2 threads; resumed on AMD EPYC, 1 thread"
+    info["resumed"] = [{"hardware": "AMD EPYC, 2 threads"}]
+    assert hardware_text(info) == "AMD EPYC, 2 threads"
 
 
 def test_unfinished_runs_are_reported_as_in_progress(tables):

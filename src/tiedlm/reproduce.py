@@ -202,6 +202,14 @@ def _command_text(argv: list[str]) -> str:
     return " ".join(["tiedlm", *argv[1:]])
 
 
+def hardware_text(info: dict[str, Any]) -> str:
+    """The machine a run started on, and any other one it was resumed on (``A; resumed on B``)."""
+    first = info.get("hardware") or f"{info.get('device_name', '?')}, {info.get('threads', '?')} threads"
+    later = [r["hardware"] for r in info.get("resumed", []) if r.get("hardware")]
+    others = [h for h in dict.fromkeys(later) if h != first]
+    return "; ".join([first, *(f"resumed on {h}" for h in others)])
+
+
 def collect_run(item: Plan) -> dict[str, Any] | None:
     """One row of the results: a finished run, or one in progress (``status`` says which)."""
     run_dir = item.run_dir
@@ -230,7 +238,7 @@ def collect_run(item: Plan) -> dict[str, Any] | None:
         "best_epoch": final["best_epoch"] if final else min(metrics, key=lambda m: m["valid_ppl"])["epoch"],
         "stopped_by": final["stopped_by"] if final else None,
         "wall_s": metrics[-1]["elapsed_s"],
-        "hardware": info.get("hardware") or f"{info.get('device_name', '?')}, {info.get('threads', '?')} threads",
+        "hardware": hardware_text(info),
         "precision": config["train"]["precision"],
         "dropout_mode": config["model"]["dropout_mode"],
         "seed": config["seed"],

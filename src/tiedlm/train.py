@@ -555,6 +555,9 @@ class Trainer:
                 "from": str(source),
                 "command": sys.argv,
                 "commit": git_commit(),
+                "torch": torch.__version__,
+                "hardware": hardware(self.device),
+                "threads": torch.get_num_threads(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
         )
