@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -243,8 +244,9 @@ def render(runs: Path, out: Path) -> None:
             f"| `{row['command']}` |"
         )
     lines.append("")
-    hardware = sorted({str(row["hardware"]) for row in rows})
-    lines += [f"Hardware: {', '.join(hardware)}; arms ran two at a time, one thread each.", ""]
+    # Runs before the runtime's plural fix recorded "1 threads"; they name the same machine.
+    hardware = sorted({re.sub(r"\b1 threads\b", "1 thread", str(row["hardware"])) for row in rows})
+    lines += [f"Hardware: {'; '.join(hardware)}; arms ran two at a time, one thread each.", ""]
     (out / "ablations.md").write_text("\n".join(lines))
     print(f"wrote {out / 'ablations.md'}")
 

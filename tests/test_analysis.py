@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tiedlm.analysis import (
+    PredictionStats,
     SubspaceSettings,
     nearest_words,
+    prediction_claims,
     prediction_study,
     subspace_distance,
     summarize_subspace,
@@ -153,6 +155,30 @@ def test_analyze_predictions_prints_and_reports(trained_run, tmp_path, capsys):
     text = report.read_text()
     assert "mean probability on `<unk>`" in text and "**… w1 w4 ___**" in text
     assert text.count("(target `") == 2
+    # Each checkpoint is named by what it is, not only by its path.
+    assert f"- A: `{trained_run}`: config `tiny`" in text and "weights after epoch" in text
+    # The same model twice: no claim can hold, since each needs a strict difference.
+    assert text.count("does not hold") == 3
+
+
+def _stats(unk: float, frequent: float, cosine: float) -> PredictionStats:
+    return PredictionStats(tokens=10, perplexity=90.0, unk_mass=unk, frequent_mass=frequent,
+                           frequent_words=["the"] * 10, top_cosine=cosine, top_k=5, target_in_top_k=0.5,
+                           examples=[])  # fmt: skip
+
+
+def test_prediction_claims_compare_b_with_a_in_both_embeddings():
+    # stats[(model, embedding)]: B (1) has less <unk> and frequent mass; its top words are nearer the
+    # target in B's embedding (0.43 > 0.42) but not in A's (0.28 < 0.29).
+    stats = {(0, 0): _stats(0.05, 0.31, 0.29), (1, 1): _stats(0.04, 0.30, 0.43),
+             (1, 0): _stats(0.04, 0.30, 0.28), (0, 1): _stats(0.05, 0.31, 0.42)}  # fmt: skip
+    unk, frequent, cosine = prediction_claims(stats)
+    assert unk.startswith("- B puts less mass on `<unk>` than A: holds (0.0400 vs 0.0500)")
+    assert "most frequent words: holds" in frequent
+    assert "holds in B's embedding only" in cosine
+    stats[(1, 1)] = _stats(0.06, 0.30, 0.41)
+    assert "does not hold" in prediction_claims(stats)[0]
+    assert "does not hold in either embedding" in prediction_claims(stats)[2]
 
 
 def test_analyze_predictions_needs_a_context_or_report(trained_run, capsys):

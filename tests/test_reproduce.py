@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_config
 from tiedlm.cli import main
-from tiedlm.reproduce import count_parameters, hardware_text
+from tiedlm.reproduce import count_parameters, hardware_text, ordering, ordering_verdict
 
 PAPER = {"vd": (92.6, 87.3), "al": (86.3, 82.9), "re": (89.9, 85.1), "real": (86.3, 82.7)}
 SETTINGS = {"vd": (False, False), "al": (False, True), "re": (True, False), "real": (True, True)}
@@ -112,6 +112,8 @@ def test_unfinished_runs_are_reported_as_in_progress(tables):
     # The paper's ordering covers every variant of the table, run or not.
     text = (tables / "results" / "ptb-small.md").read_text()
     assert "- paper, test: REAL 82.7 < AL 82.9 < RE 85.1 < VD 87.3" in text
+    # AL and REAL share 86.3 on valid: a tie is shown as one, not as an order.
+    assert "- paper, valid: AL 86.3 = REAL 86.3 < RE 89.9 < VD 92.6" in text
 
 
 @pytest.mark.parametrize(
@@ -134,3 +136,17 @@ def test_bad_reproduce_arguments_are_one_line_errors(tables, capsys, monkeypatch
 def test_collect_only_without_runs_is_an_error(tables, capsys):
     assert reproduce(tables, "--collect-only") == 2
     assert "no run has finished an epoch yet" in capsys.readouterr().err
+
+
+def test_ordering_verdict_checks_the_papers_claim_pair_by_pair():
+    def rows(**test):
+        return [{"variant": v, "test": x} for v, x in test.items()]
+
+    assert ordering_verdict(rows(real=82.7, al=82.9, re=85.1, vd=87.3), "test") == "holds (REAL, AL, RE, VD)"
+    # REAL may tie AL; no other pair may tie.
+    assert ordering_verdict(rows(real=86.3, al=86.3), "test").startswith("holds")
+    assert ordering_verdict(rows(re=85.0, vd=85.0), "test") == "does not hold (RE, VD): VD 85.00 ≤ RE 85.00"
+    # A missing variant is skipped, not assumed: REAL vs VD is still checked.
+    assert ordering_verdict(rows(real=89.0, vd=88.0), "test") == "does not hold (REAL, VD): VD 88.00 ≤ REAL 89.00"
+    assert ordering_verdict(rows(real=89.0), "test") == "too few finished runs to check"
+    assert ordering(rows(real=86.3, al=86.34, vd=92.6), "test") == "REAL 86.3 = AL 86.3 < VD 92.6"

@@ -432,7 +432,7 @@ def _analyze_predictions(args) -> None:
     import random
     import time
 
-    from tiedlm.analysis import prediction_study, predictions_markdown, top_predictions
+    from tiedlm.analysis import describe_checkpoint, prediction_study, predictions_markdown, top_predictions
     from tiedlm.checkpoint import load_checkpoint, write_text_atomic
     from tiedlm.data import load_corpus
     from tiedlm.runtime import git_commit, hardware
@@ -490,7 +490,11 @@ def _analyze_predictions(args) -> None:
         "commit": git_commit(),
         "wall_s": time.perf_counter() - began,
     }
-    text = predictions_markdown((args.checkpoint_a, args.checkpoint_b), stats, contexts, examples, record)
+    names = tuple(
+        describe_checkpoint(path, checkpoint.config, checkpoint.trainer_state)
+        for path, checkpoint in zip((args.checkpoint_a, args.checkpoint_b), models, strict=True)
+    )
+    text = predictions_markdown(names, stats, contexts, examples, record)
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(args.report), text)
     for name, key in (("A", (0, 0)), ("B", (1, 1))):

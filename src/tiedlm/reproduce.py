@@ -331,10 +331,39 @@ def _delta(ours: float | None, paper: float | None) -> str:
 
 
 def ordering(rows: list[dict[str, Any]], key: str) -> str:
-    """``REAL 82.7 < AL 82.9 < …``: the variants sorted by a perplexity column."""
+    """``REAL 82.7 < AL 82.9 < …``: the variants sorted by a perplexity column; ties (as shown) read ``=``."""
     present = [r for r in rows if r.get(key) is not None]
     present.sort(key=lambda r: r[key])
-    return " < ".join(f"{r['variant'].upper()} {r[key]:.1f}" for r in present)
+    text = ""
+    for before, row in zip([None, *present], present):
+        shown = f"{row[key]:.1f}"
+        if before is not None:
+            text += " = " if f"{before[key]:.1f}" == shown else " < "
+        text += f"{row['variant'].upper()} {shown}"
+    return text
+
+
+# The paper's claim for every row group (issue 4): REAL ≤ AL < RE < VD, best first.
+CLAIMED_ORDER = ("real", "al", "re", "vd")
+
+
+def ordering_verdict(rows: list[dict[str, Any]], key: str) -> str:
+    """Whether finished runs keep the claimed order REAL ≤ AL < RE < VD, pair by pair (missing variants skipped)."""
+    by_variant = {r["variant"]: r[key] for r in rows if r.get(key) is not None and r["variant"] in CLAIMED_ORDER}
+    present = [v for v in CLAIMED_ORDER if v in by_variant]
+    if len(present) < 2:
+        return "too few finished runs to check"
+    broken = []
+    for i, better in enumerate(present):
+        for worse in present[i + 1 :]:
+            allowed_tie = (better, worse) == ("real", "al")
+            a, b = by_variant[better], by_variant[worse]
+            if a > b or (a == b and not allowed_tie):
+                broken.append(f"{worse.upper()} {b:.2f} ≤ {better.upper()} {a:.2f}")
+    runs = ", ".join(v.upper() for v in present)
+    if not broken:
+        return f"holds ({runs})"
+    return f"does not hold ({runs}): " + "; ".join(broken)
 
 
 def render_markdown(
@@ -372,6 +401,8 @@ def render_markdown(
     lines.append(f"- ours, test: {ordering(finished, 'test') or '(no finished run yet)'}")
     lines.append(f"- paper, valid: {ordering(paper, 'paper_valid')}")
     lines.append(f"- ours, valid: {ordering(finished, 'valid') or '(no finished run yet)'}")
+    lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on test: {ordering_verdict(finished, 'test')}")
+    lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on valid: {ordering_verdict(finished, 'valid')}")
     lines += ["", f"![validation learning curves]({table}.png)", "", "## Runs", ""]
     lines += [
         "| variant | seed | precision | VD mode | hardware | commit | torch | log |",
