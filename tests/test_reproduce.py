@@ -6,7 +6,7 @@ import pytest
 
 from conftest import write_config
 from tiedlm.cli import main
-from tiedlm.reproduce import count_parameters, hardware_text, ordering, ordering_verdict
+from tiedlm.reproduce import count_parameters, fit_lines, hardware_text, ordering, ordering_verdict
 
 PAPER = {"vd": (92.6, 87.3), "al": (86.3, 82.9), "re": (89.9, 85.1), "real": (86.3, 82.7)}
 SETTINGS = {"vd": (False, False), "al": (False, True), "re": (True, False), "real": (True, True)}
@@ -150,3 +150,14 @@ def test_ordering_verdict_checks_the_papers_claim_pair_by_pair():
     assert ordering_verdict(rows(real=89.0, vd=88.0), "test") == "does not hold (REAL, VD): VD 88.00 ≤ REAL 89.00"
     assert ordering_verdict(rows(real=89.0), "test") == "too few finished runs to check"
     assert ordering(rows(real=86.3, al=86.34, vd=92.6), "test") == "REAL 86.3 = AL 86.3 < VD 92.6"
+
+
+def test_fit_lines_show_the_gap_and_the_recent_gain():
+    curve = [{"epoch": e, "lr": 0.5**e, "train_ppl": 100.0 - e, "valid_ppl": 120.0 - 2 * e} for e in range(1, 9)]
+    row = {"name": "VD", "curve": curve}
+    line = fit_lines([row])[-2]
+    # Epoch 8: train 92, valid 104 (gap +12); valid fell 2 per epoch over the last 5.
+    assert line == "| VD | 8 | 0.00391 | 92.0 | 104.0 | +12.0 | +2.00 |"
+    # One epoch only: no gain to show; a log without lr shows a dash.
+    short = {"name": "VD", "curve": [{"epoch": 1, "train_ppl": 300.0, "valid_ppl": 250.0}]}
+    assert fit_lines([short])[-2] == "| VD | 1 | — | 300.0 | 250.0 | -50.0 | — |"

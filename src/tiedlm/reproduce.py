@@ -247,7 +247,10 @@ def collect_run(item: Plan) -> dict[str, Any] | None:
         "command": _command_text(info["command"]),
         "resumed": [_command_text(r["command"]) for r in info.get("resumed", [])],
         "torch": info.get("torch"),
-        "curve": [{"epoch": m["epoch"], "train_ppl": m["train_ppl"], "valid_ppl": m["valid_ppl"]} for m in metrics],
+        "curve": [
+            {"epoch": m["epoch"], "lr": m.get("lr"), "train_ppl": m["train_ppl"], "valid_ppl": m["valid_ppl"]}
+            for m in metrics
+        ],
         "log": f"{item.table}/{item.variant}.jsonl",
     }
     return row
@@ -366,6 +369,34 @@ def ordering_verdict(rows: list[dict[str, Any]], key: str) -> str:
     return f"does not hold ({runs}): " + "; ".join(broken)
 
 
+def fit_lines(rows: list[dict[str, Any]], window: int = 5) -> list[str]:
+    """A table of where each run stands at its last epoch: the train/valid gap and the recent valid gain.
+
+    A run whose valid perplexity still falls was stopped by its schedule, not by overfitting; a
+    train perplexity (dropout on) close to valid says the model underfits rather than overfits.
+    """
+    lines = [
+        "## Fit at the last epoch",
+        "",
+        "Train perplexity is measured during training, with dropout on. The gain is the mean fall",
+        f"of valid perplexity per epoch over the last {window} epochs (> 0: still improving).",
+        "",
+        f"| variant | epoch | lr | train | valid | valid − train | valid gain per epoch (last {window}) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        curve = row["curve"]
+        last = curve[-1]
+        recent = curve[-(window + 1) :]
+        gain = (recent[0]["valid_ppl"] - last["valid_ppl"]) / (len(recent) - 1) if len(recent) > 1 else None
+        lr = "—" if last.get("lr") is None else f"{last['lr']:.3g}"
+        lines.append(
+            f"| {row['name']} | {last['epoch']} | {lr} | {last['train_ppl']:.1f} | {last['valid_ppl']:.1f} "
+            f"| {last['valid_ppl'] - last['train_ppl']:+.1f} | {'—' if gain is None else f'{gain:+.2f}'} |"
+        )
+    return lines + [""]
+
+
 def render_markdown(
     table: str, rows: list[dict[str, Any]], command: str, paper: list[dict[str, Any]] | None = None
 ) -> str:
@@ -403,7 +434,7 @@ def render_markdown(
     lines.append(f"- ours, valid: {ordering(finished, 'valid') or '(no finished run yet)'}")
     lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on test: {ordering_verdict(finished, 'test')}")
     lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on valid: {ordering_verdict(finished, 'valid')}")
-    lines += ["", f"![validation learning curves]({table}.png)", "", "## Runs", ""]
+    lines += ["", f"![validation learning curves]({table}.png)", "", *fit_lines(rows), "## Runs", ""]
     lines += [
         "| variant | seed | precision | VD mode | hardware | commit | torch | log |",
         "|---|---:|---|---|---|---|---|---|",
