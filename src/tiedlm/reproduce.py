@@ -338,10 +338,10 @@ def ordering(rows: list[dict[str, Any]], key: str) -> str:
     present = [r for r in rows if r.get(key) is not None]
     present.sort(key=lambda r: r[key])
     text = ""
-    for before, row in zip([None, *present], present):
+    for index, row in enumerate(present):
         shown = f"{row[key]:.1f}"
-        if before is not None:
-            text += " = " if f"{before[key]:.1f}" == shown else " < "
+        if index:
+            text += " = " if f"{present[index - 1][key]:.1f}" == shown else " < "
         text += f"{row['variant'].upper()} {shown}"
     return text
 
