@@ -34,11 +34,14 @@ def _table_section(results: Path, table: str) -> list[str]:
     ]
     for row in rows:
         ours = f"{_ppl(row['valid'])} / {_ppl(row['test'])}"
-        if row["status"] != "finished":
+        status = row["status"]
+        if status != "finished":
             ours = f"(best valid so far {_ppl(row['best_valid_so_far'])})"
+        elif row.get("stopped_by") == "time_limit":
+            status = "stopped by its time limit"
         lines.append(
             f"| {row['name']} | {_ppl(row['paper_valid'])} / {_ppl(row['paper_test'])} | {ours} "
-            f"| {row['epochs']} | {row['wall_s'] / 60:.0f} min | {row['hardware']} | {row['status']} |"
+            f"| {row['epochs']} | {row['wall_s'] / 60:.0f} min | {row['hardware']} | {status} |"
         )
     return lines + [""]
 

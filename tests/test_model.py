@@ -27,6 +27,34 @@ def test_untied_model_has_its_own_weight_and_bias():
     assert model.decoder.bias is not None and model.decoder.bias.shape == (V,)
 
 
+@pytest.mark.parametrize(
+    ("tie", "setting", "has_bias"),
+    [(True, "auto", False), (False, "auto", True), (True, "on", True), (False, "off", False)],
+)
+def test_output_bias_setting(tie, setting, has_bias):
+    model = make(tie_weights=tie, output_bias=setting)
+    assert (model.decoder.bias is not None) == has_bias
+    assert (model.decoder.weight is model.embedding.weight) == tie
+
+
+def test_tied_model_with_a_bias_round_trips_through_a_checkpoint(tmp_path):
+    from tiedlm.checkpoint import load_checkpoint, save_checkpoint
+    from tiedlm.config import Config
+    from tiedlm.data import Vocabulary
+
+    config = Config()
+    config.model = ModelConfig(hidden_size=H, output_bias="on")
+    model = build_model(config.model, V)
+    with torch.no_grad():
+        model.decoder.bias.copy_(torch.arange(V, dtype=torch.float32))
+    vocab = Vocabulary([f"w{i}" for i in range(V)])
+    save_checkpoint(tmp_path / "ckpt", model, config, vocab)
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    assert loaded.decoder.weight is loaded.embedding.weight
+    torch.testing.assert_close(loaded.decoder.bias, model.decoder.bias)
+    torch.testing.assert_close(loaded.embedding.weight, model.embedding.weight)
+
+
 def test_uniform_init_within_range():
     model = make(init_range=0.05, tie_weights=False)
     for name, parameter in model.named_parameters():

@@ -87,7 +87,7 @@ class NaiveReference(nn.Module):
         self.embedding = nn.Embedding(vocab_size, size)
         self.lstm = nn.LSTM(size, size, layers, dropout=p if layers > 1 else 0.0)
         self.drop = nn.Dropout(p)
-        self.decoder = output_layer(self.embedding, config.model.tie_weights)
+        self.decoder = output_layer(self.embedding, config.model.tie_weights, config.model.has_output_bias())
         init_uniform(self, config.model.init_range)
 
     def init_state(self, batch_size: int):
@@ -113,7 +113,7 @@ class NaiveRHN(nn.Module):
         self.input_h, self.input_t = nn.Linear(size, size, bias=False), nn.Linear(size, size, bias=False)
         self.micro_h = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
         self.micro_t = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
-        self.decoder = output_layer(self.embedding, model.tie_weights)
+        self.decoder = output_layer(self.embedding, model.tie_weights, model.has_output_bias())
         init_uniform(self, model.init_range)
         for layer in self.micro_t:
             nn.init.constant_(layer.bias, model.transform_bias)

@@ -50,6 +50,9 @@ class ModelConfig:
     dropout: float = field(default=0.3, metadata=_range(0.0, 1.0, high_open=True))  # drop probability
     dropout_mode: str = field(default="exact", metadata=_choice("exact", "fast"))
     tie_weights: bool = True
+    # The decoder's bias: "auto" = a bias only when untied (SPEC §1: the tied decoder has none);
+    # "on" / "off" force it either way (an ablation of what the missing bias costs a tied model).
+    output_bias: str = field(default="auto", metadata=_choice("auto", "on", "off"))
     init_range: float = field(default=0.1, metadata=_range(0.0))
     # RHN only (Zilly et al.; SPEC §4): recurrence depth, the four drop probabilities
     # (x: whole words, i: input, h: recurrent, o: output) and the transform-gate bias at start.
@@ -62,6 +65,10 @@ class ModelConfig:
     # Transformer only: attention heads, and how many previous tokens a window attends to.
     num_heads: int = field(default=4, metadata=_range(1))
     context_size: int = field(default=64, metadata=_range(0))
+
+    def has_output_bias(self) -> bool:
+        """Whether the decoder has a bias: ``output_bias``, where "auto" means only when untied."""
+        return not self.tie_weights if self.output_bias == "auto" else self.output_bias == "on"
 
 
 @dataclass

@@ -5,10 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 
-def output_layer(embedding: nn.Embedding, tie: bool) -> nn.Linear:
-    """The decoder: with ``tie`` its weight *is* the embedding matrix L and it has no bias."""
+def output_layer(embedding: nn.Embedding, tie: bool, bias: bool | None = None) -> nn.Linear:
+    """The decoder: with ``tie`` its weight *is* the embedding matrix L.
+
+    ``bias`` defaults to SPEC §1: a bias only when untied (``ModelConfig.has_output_bias``).
+    """
     vocab_size, size = embedding.weight.shape
-    decoder = nn.Linear(size, vocab_size, bias=not tie)
+    decoder = nn.Linear(size, vocab_size, bias=not tie if bias is None else bias)
     if tie:
         decoder.weight = embedding.weight
     return decoder

@@ -43,7 +43,7 @@ class LSTMLanguageModel(nn.Module):
         size = config.hidden_size
         self.embedding = nn.Embedding(vocab_size, size)
         self.layers = nn.ModuleList(nn.LSTM(size, size) for _ in range(config.num_layers))
-        self.decoder = output_layer(self.embedding, config.tie_weights)
+        self.decoder = output_layer(self.embedding, config.tie_weights, config.has_output_bias())
         init_uniform(self, config.init_range)
         self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
         # Under data parallelism: (start, stop, B). Masks are drawn for all B streams and rows

@@ -49,7 +49,7 @@ class RHNLanguageModel(nn.Module):
         self.input_weight = nn.Parameter(torch.empty(2 * size, size))  # [W_H; W_T], first micro-step only
         self.recurrent_weight = nn.Parameter(torch.empty(depth, 2 * size, size))  # [R_H^l; R_T^l]
         self.recurrent_bias = nn.Parameter(torch.empty(depth, 2 * size))  # [b_H^l; b_T^l]
-        self.decoder = output_layer(self.embedding, config.tie_weights)
+        self.decoder = output_layer(self.embedding, config.tie_weights, config.has_output_bias())
         init_uniform(self, config.init_range)
         with torch.no_grad():
             self.recurrent_bias[:, size:].fill_(config.transform_bias)

@@ -55,7 +55,7 @@ class TransformerLanguageModel(nn.Module):
             for _ in range(config.num_layers)
         )
         self.norm = nn.LayerNorm(size)
-        self.decoder = output_layer(self.embedding, config.tie_weights)
+        self.decoder = output_layer(self.embedding, config.tie_weights, config.has_output_bias())
         for name, parameter in self.named_parameters():
             if parameter.dim() > 1:
                 nn.init.uniform_(parameter, -config.init_range, config.init_range)
