@@ -92,6 +92,12 @@ def test_an_interrupted_run_is_resumed(tables):
     assert info["resumed"][0]["hardware"] == info["hardware"] and info["resumed"][0]["threads"] >= 1
     rows = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert rows[0]["resumed"] and rows[0]["status"] == "finished"
+    # the commits are listed in the order the run used them, not sorted
+    info["commit"], info["resumed"][0]["commit"] = "f" * 40, "0" * 40
+    (run / "run.json").write_text(json.dumps(info))
+    assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert rows[0]["commits"] == ["f" * 40, "0" * 40]
 
 
 def test_a_run_resumed_on_other_hardware_names_both():

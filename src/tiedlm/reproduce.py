@@ -243,7 +243,7 @@ def collect_run(item: Plan) -> dict[str, Any] | None:
         "dropout_mode": config["model"]["dropout_mode"],
         "seed": config["seed"],
         "commit": info.get("commit"),
-        "commits": sorted({c for c in commits if c}),
+        "commits": list(dict.fromkeys(c for c in commits if c)),  # in the order the run used them
         "command": _command_text(info["command"]),
         "resumed": [_command_text(r["command"]) for r in info.get("resumed", [])],
         "torch": info.get("torch"),
