@@ -199,3 +199,18 @@ def test_analyze_neighbours(trained_run, capsys):
     assert len(lines) == 4 and all(line.split("\t")[0] != "w3" for line in lines)
     assert main(["analyze", "neighbours", str(trained_run), "nosuchword"]) == 2
     assert "'nosuchword' is not in the vocabulary" in capsys.readouterr().err
+
+
+def test_describe_checkpoint_names_the_decoder():
+    from tiedlm.analysis import describe_checkpoint
+    from tiedlm.config import Config
+
+    config = Config(name="x")
+    state = {"progress": {"epoch": 3, "best_valid_ppl": 101.234}}
+    assert describe_checkpoint("ck", config, state) == (
+        "`ck`: config `x`, tied, cross-entropy only, weights after epoch 3, best valid perplexity in training 101.23"
+    )
+    config.model.output_bias = "on"
+    assert ", tied with an output bias," in describe_checkpoint("ck", config, state)
+    config.model.tie_weights, config.model.output_bias = False, "off"
+    assert ", untied without an output bias," in describe_checkpoint("ck", config, state)

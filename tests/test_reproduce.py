@@ -167,3 +167,20 @@ def test_fit_lines_show_the_gap_and_the_recent_gain():
     # One epoch only: no gain to show; a log without lr shows a dash.
     short = {"name": "VD", "curve": [{"epoch": 1, "train_ppl": 300.0, "valid_ppl": 250.0}]}
     assert fit_lines([short])[-2] == "| VD | 1 | — | 300.0 | 250.0 | -50.0 | — |"
+
+
+def test_a_run_that_differs_from_its_config_file_says_so(tables):
+    assert reproduce(tables, "--variants", "re", "--set", "model.output_bias=on") == 0
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert rows[0]["differs_from_config"] == [{"key": "model.output_bias", "run": "on", "file": "auto"}]
+    config = tables / "configs" / "ptb" / "small-re.toml"  # the file edited after the run
+    config.write_text(config.read_text().replace("[model]\n", '[model]\noutput_bias = "on"\n'))
+    assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert rows[0]["differs_from_config"] == []
+    assert "differs from its config file" not in (tables / "results" / "ptb-small.md").read_text()
+    config.write_text(config.read_text().replace('output_bias = "on"\n', "").replace("dropout = 0.3", "dropout = 0.25"))
+    assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    drift = json.loads((tables / "results" / "ptb-small.json").read_text())[0]["differs_from_config"]
+    assert {d["key"] for d in drift} == {"model.output_bias", "model.dropout"}
+    assert "`model.dropout`" in (tables / "results" / "ptb-small.md").read_text()

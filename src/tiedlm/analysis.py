@@ -429,9 +429,13 @@ def write_subspace_results(
 def describe_checkpoint(path: str, config, trainer_state: dict[str, Any]) -> str:
     """One line naming what a checkpoint is: its config, tying, loss and training position."""
     progress = trainer_state.get("progress", {})
+    tied = config.model.tie_weights
+    decoder = "tied" if tied else "untied"
+    if config.model.has_output_bias() == tied:  # not SPEC §1's pairing (a bias only when untied)
+        decoder += " with an output bias" if tied else " without an output bias"
     parts = [
         f"`{path}`: config `{config.name}`",
-        "tied" if config.model.tie_weights else "untied",
+        decoder,
         "augmented loss" if config.loss.augmented else "cross-entropy only",
     ]
     if "epoch" in progress:

@@ -210,6 +210,37 @@ def hardware_text(info: dict[str, Any]) -> str:
     return "; ".join([first, *(f"resumed on {h}" for h in others)])
 
 
+# Settings that do not change what a run learns (a resumed run may also change them).
+NOT_TRAINING = ("name", "paper.", "train.time_limit_minutes", "train.device", "train.tensorboard")
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def config_drift(run_config: dict[str, Any], config_file: Path) -> list[dict[str, Any]]:
+    """The settings in which a run differs from its config file as it reads now.
+
+    A run's own ``--set`` shows up here as well as a config file edited after the run (a
+    setting the run's config.json lacks is read at today's default, as its code had no other).
+    """
+    from tiedlm.config import config_from_dict, load_config
+
+    ran = _flat(config_from_dict(run_config, "run config.json").to_dict())
+    now = _flat(load_config(config_file).to_dict())
+    return [
+        {"key": key, "run": ran[key], "file": now[key]}
+        for key in ran
+        if ran[key] != now.get(key) and not key.startswith(NOT_TRAINING)
+    ]
+
+
 def collect_run(item: Plan) -> dict[str, Any] | None:
     """One row of the results: a finished run, or one in progress (``status`` says which)."""
     run_dir = item.run_dir
@@ -252,6 +283,8 @@ def collect_run(item: Plan) -> dict[str, Any] | None:
             for m in metrics
         ],
         "log": f"{item.table}/{item.variant}.jsonl",
+        "config": str(item.config),
+        "differs_from_config": config_drift(config, item.config),
     }
     return row
 
@@ -445,6 +478,19 @@ def render_markdown(
             f"| {row['name']} | {row['seed']} | {row['precision']} | {row['dropout_mode']} | {row['hardware']} "
             f"| {commits} | {row['torch']} | [{row['variant']}.jsonl]({row['log']}) |"
         )
+    drifted = [row for row in rows if row.get("differs_from_config")]
+    if drifted:
+        lines += [
+            "",
+            "Settings in which a run differs from its config file as it reads now (its own `--set`,",
+            "or the file edited after the run):",
+            "",
+        ]
+        for row in drifted:
+            changes = "; ".join(
+                f"`{d['key']}` {d['run']!r} (run) vs {d['file']!r} (file)" for d in row["differs_from_config"]
+            )
+            lines.append(f"- {row['name']} (`{row['config']}`): {changes}")
     lines += ["", "Exact commands (each run alone; `tiedlm reproduce` issues the same ones):", ""]
     for row in rows:
         lines.append(f"- {row['name']}: `{row['command']}`")
