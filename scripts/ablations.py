@@ -145,7 +145,10 @@ def decisions(by_arm: dict[str, dict]) -> list[str]:
     lines += [
         "",
         "All PTB and WikiText-2 configs follow these choices (WikiText-2 keeps γ = 1.0 from SPEC §2's",
-        "range for that corpus, which the ablation did not cover).",
+        "range for that corpus, which the ablation did not cover). (e) applies to the paper's tied LSTM",
+        "configs (RE, REAL): they give the tied decoder a bias, against SPEC §1, after a full-length",
+        "PTB-small RE run confirmed the arm ([output-bias/ptb-small.md](output-bias/ptb-small.md)). The",
+        "RHN and Transformer configs keep SPEC §1's bias-free tied decoder, which (e) did not test.",
     ]
     return lines
 

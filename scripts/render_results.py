@@ -24,10 +24,13 @@ def _ppl(value) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
-def _table_section(results: Path, table: str) -> list[str]:
-    rows = json.loads((results / f"{table}.json").read_text(encoding="utf-8"))
+def _table_section(results: Path, table: str, study: str = "") -> list[str]:
+    """One reproduced table; ``study`` names a results/STUDY/ folder of runs with changed settings."""
+    folder = results / study if study else results
+    rows = json.loads((folder / f"{table}.json").read_text(encoding="utf-8"))
+    link = f"results/{study + '/' if study else ''}{table}.md"
     lines = [
-        f"**{table}** ([details, curves and commands](results/{table}.md))",
+        f"**{table}{f' ({study})' if study else ''}** ([details, curves and commands]({link}))",
         "",
         "| variant | paper valid / test | ours valid / test | epochs | wall | hardware | status |",
         "|---|---|---|---:|---:|---|---|",
@@ -69,6 +72,11 @@ def section(root: Path = ROOT) -> str:
         lines += ["No paper table has been reproduced yet.", ""]
     for table in tables:
         lines += _table_section(results, table)
+    # Studies: the same tables trained with settings changed on the command line (each file says which).
+    for study in sorted(p.name for p in results.iterdir() if p.is_dir()):
+        for table in TABLE_ORDER:
+            if (results / study / f"{table}.json").is_file():
+                lines += _table_section(results, table, study)
     if (results / "ablations.json").is_file():
         lines += _ablation_section(results)
     others = [
