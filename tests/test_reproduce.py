@@ -173,6 +173,8 @@ def test_a_run_that_differs_from_its_config_file_says_so(tables):
     assert reproduce(tables, "--variants", "re", "--set", "model.output_bias=on") == 0
     rows = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert rows[0]["differs_from_config"] == [{"key": "model.output_bias", "run": "on", "file": "auto"}]
+    generated = (tables / "results" / "ptb-small.md").read_text().split("`")[1]
+    assert generated.startswith("tiedlm reproduce ptb-small --variants re --set model.output_bias=on --runs ")
     config = tables / "configs" / "ptb" / "small-re.toml"  # the file edited after the run
     config.write_text(config.read_text().replace("[model]\n", '[model]\noutput_bias = "on"\n'))
     assert reproduce(tables, "--variants", "re", "--collect-only") == 0

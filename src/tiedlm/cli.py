@@ -332,6 +332,9 @@ def _cmd_reproduce(args) -> int:
     if variants != ["vd", "al", "re", "real"]:
         command += f" --variants {','.join(variants)}"
     command += "".join(f" --set {text}" for text in args.overrides)
+    for option, value, default in (("--runs", args.runs, "runs"), ("--results", args.results, "results")):
+        if value != default:  # where the results came from and go: part of the command to re-run
+            command += f" {option} {value}"
     code = None
     if not args.collect_only:
         if args.rerun:
