@@ -42,6 +42,9 @@ def _table_section(results: Path, table: str, study: str = "") -> list[str]:
             ours = f"(best valid so far {_ppl(row['best_valid_so_far'])})"
         elif row.get("stopped_by") == "time_limit":
             status = "stopped by its time limit"
+        if row.get("differs_from_config"):
+            keys = ", ".join(f"`{d['key']}`" for d in row["differs_from_config"])
+            status += f"; its {keys} differs from the config now"
         lines.append(
             f"| {row['name']} | {_ppl(row['paper_valid'])} / {_ppl(row['paper_test'])} | {ours} "
             f"| {row['epochs']} | {row['wall_s'] / 60:.0f} min | {row['hardware']} | {status} |"
