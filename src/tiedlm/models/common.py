@@ -5,13 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 
-def output_layer(embedding: nn.Embedding, tie: bool, bias: bool | None = None) -> nn.Linear:
-    """The decoder: with ``tie`` its weight *is* the embedding matrix L.
-
-    ``bias`` defaults to SPEC §1: a bias only when untied (``ModelConfig.has_output_bias``).
-    """
+def output_layer(embedding: nn.Embedding, tie: bool, bias: bool) -> nn.Linear:
+    """The decoder: with ``tie`` its weight *is* the embedding matrix L; ``bias`` from
+    ``ModelConfig.has_output_bias`` (SPEC §1: a bias only when untied, unless the config says otherwise)."""
     vocab_size, size = embedding.weight.shape
-    decoder = nn.Linear(size, vocab_size, bias=not tie if bias is None else bias)
+    decoder = nn.Linear(size, vocab_size, bias=bias)
     if tie:
         decoder.weight = embedding.weight
     return decoder
