@@ -186,3 +186,25 @@ def test_a_run_that_differs_from_its_config_file_says_so(tables):
     drift = json.loads((tables / "results" / "ptb-small.json").read_text())[0]["differs_from_config"]
     assert {d["key"] for d in drift} == {"model.output_bias", "model.dropout"}
     assert "`model.dropout`" in (tables / "results" / "ptb-small.md").read_text()
+
+
+def test_a_run_stopped_by_its_time_limit_says_how_to_go_on(tables):
+    run = tables / "runs" / "ptb-small" / "vd"
+    config = str(tables / "configs" / "ptb" / "small-vd.toml")
+    limited = ["--set", "train.time_limit_minutes=1e-6", "--set", "train.max_epochs=3"]
+    assert main(["train", config, "--out", str(run), *limited]) == 0
+    assert reproduce(tables, "--variants", "vd", "--collect-only") == 0
+    text = (tables / "results" / "ptb-small.md").read_text()
+    assert "stopped by its time limit after 1 of 3 epochs" in text
+    assert f"`tiedlm train --resume {run} --set train.time_limit_minutes=0`" in text
+    # Resumed past its limit: until the new final.json, the old one does not make the run finished.
+    stale = (run / "final.json").read_text()
+    assert main(["train", "--resume", str(run), "--set", "train.time_limit_minutes=0"]) == 0
+    (run / "final.json").write_text(stale)
+    assert reproduce(tables, "--variants", "vd", "--collect-only") == 0
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert rows[0]["status"] == "in progress" and rows[0]["epochs"] == 3
+    assert reproduce(tables, "--variants", "vd") == 0  # resumes it: already at max_epochs, it just reports
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert rows[0]["status"] == "finished" and rows[0]["stopped_by"] == "max_epochs"
+    assert "stopped by its time limit" not in (tables / "results" / "ptb-small.md").read_text()

@@ -54,7 +54,13 @@ class Plan:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / FINAL).is_file()
+        """It has a final.json and no epoch after it (a run resumed past its time limit has one)."""
+        final = self.run_dir / FINAL
+        if not final.is_file():
+            return False
+        metrics = self.run_dir / METRICS
+        epochs = read_metrics(metrics) if metrics.is_file() else []
+        return not epochs or epochs[-1]["epoch"] <= _read_json(final).get("epochs", 0)
 
     @property
     def started(self) -> bool:
@@ -284,6 +290,8 @@ def collect_run(item: Plan) -> dict[str, Any] | None:
         ],
         "log": f"{item.table}/{item.variant}.jsonl",
         "config": str(item.config),
+        "run_dir": str(item.run_dir),
+        "max_epochs": config["train"]["max_epochs"],
         "differs_from_config": config_drift(config, item.config),
     }
     return row
@@ -496,5 +504,11 @@ def render_markdown(
         lines.append(f"- {row['name']}: `{row['command']}`")
         for resumed in row["resumed"]:
             lines.append(f"  - resumed: `{resumed}`")
+        if row["stopped_by"] == "time_limit" and row["epochs"] < row["max_epochs"]:
+            lines.append(
+                f"  - stopped by its time limit after {row['epochs']} of {row['max_epochs']} epochs; to go on "
+                f"(on a GPU, say): `tiedlm train --resume {row['run_dir']} --set train.time_limit_minutes=0`, "
+                "then the command at the top of this file again (it collects finished runs)"
+            )
     lines.append("")
     return "\n".join(lines)
