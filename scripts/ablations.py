@@ -147,7 +147,8 @@ def decisions(by_arm: dict[str, dict]) -> list[str]:
         "All PTB and WikiText-2 configs follow these choices (WikiText-2 keeps γ = 1.0 from SPEC §2's",
         "range for that corpus, which the ablation did not cover). (e) applies to the paper's tied LSTM",
         "configs (RE, REAL): they give the tied decoder a bias, against SPEC §1, after a full-length",
-        "PTB-small RE run confirmed the arm ([output-bias/ptb-small.md](output-bias/ptb-small.md)). The",
+        "PTB-small RE and REAL runs confirmed the arm ([ptb-small.md](ptb-small.md), against",
+        "[no-output-bias/ptb-small.md](no-output-bias/ptb-small.md) without the bias). The",
         "RHN and Transformer configs keep SPEC §1's bias-free tied decoder, which (e) did not test.",
     ]
     return lines

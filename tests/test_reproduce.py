@@ -115,6 +115,10 @@ def test_unfinished_runs_are_reported_as_in_progress(tables):
     rows = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert len(rows) == 1 and rows[0]["status"] == "in progress" and rows[0]["valid"] is None
     assert rows[0]["best_valid_so_far"] > 1
+    assert (
+        "in progress after 2 of 2 epochs: the command at the top of this file again resumes it"
+        in (tables / "results" / "ptb-small.md").read_text()
+    )
     # The paper's ordering covers every variant of the table, run or not.
     text = (tables / "results" / "ptb-small.md").read_text()
     assert "- paper, test: REAL 82.7 < AL 82.9 < RE 85.1 < VD 87.3" in text

@@ -504,7 +504,12 @@ def render_markdown(
         lines.append(f"- {row['name']}: `{row['command']}`")
         for resumed in row["resumed"]:
             lines.append(f"  - resumed: `{resumed}`")
-        if row["stopped_by"] == "time_limit" and row["epochs"] < row["max_epochs"]:
+        if row["status"] == "in progress":
+            lines.append(
+                f"  - in progress after {row['epochs']} of {row['max_epochs']} epochs: the command at the top of "
+                "this file again resumes it from its last checkpoint (on a GPU, say)"
+            )
+        elif row["stopped_by"] == "time_limit" and row["epochs"] < row["max_epochs"]:
             lines.append(
                 f"  - stopped by its time limit after {row['epochs']} of {row['max_epochs']} epochs; to go on "
                 f"(on a GPU, say): `tiedlm train --resume {row['run_dir']} --set train.time_limit_minutes=0`, "
