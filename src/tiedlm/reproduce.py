@@ -54,7 +54,7 @@ class Plan:
 
     @property
     def finished(self) -> bool:
-        """It has a final.json and no epoch after it (a run resumed past its time limit has one)."""
+        """It has a final.json newer than its last epoch (a run resumed after it ended keeps the old one)."""
         final = self.run_dir / FINAL
         if not final.is_file():
             return False
