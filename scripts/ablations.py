@@ -154,6 +154,22 @@ def decisions(by_arm: dict[str, dict]) -> list[str]:
     return lines
 
 
+def detach_lines(by_arm: dict[str, dict]) -> list[str]:
+    """Question (b) at tau 10: why its detached arm sits under (b) and decided round two."""
+    detached, trainable = by_arm.get("tau10-gamma0.5"), by_arm.get("no-detach-tau10-gamma0.5")
+    if not detached or not trainable:
+        return []
+    curve = detached["curve"]
+    worst = max(range(len(curve)), key=curve.__getitem__)
+    return [
+        f"At τ 10 the detached target (tau10-gamma0.5) fails: valid {curve[0]:.1f} after epoch 1,"
+        f" {curve[worst]:.1f} after epoch {worst + 1}; with a trainable target, τ 10"
+        f" (no-detach-tau10-gamma0.5, in (c)) ends at {trainable['valid']:.2f}. This is why (c) and"
+        " (d) vary the trainable target.",
+        "",
+    ]
+
+
 def tying_lines(by_arm: dict[str, dict]) -> list[str]:
     """Question (e) read off as differences of valid perplexity (negative: the change helps)."""
 
@@ -261,6 +277,8 @@ def render(runs: Path, out: Path) -> None:
             curve = " → ".join(f"{v:.1f}" for v in row["curve"])
             lines.append(f"| {arm} | {setting} | {row['valid']:.2f} | {row['test']:.2f} | {curve} |")
         lines.append("")
+        if key == "b":
+            lines += detach_lines(by_arm)
         if key == "e":
             lines += tying_lines(by_arm)
     lines += ["## What the configs use now", ""] + decisions(by_arm) + [""]
