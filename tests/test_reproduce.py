@@ -98,6 +98,12 @@ def test_an_interrupted_run_is_resumed(tables):
     assert reproduce(tables, "--variants", "re", "--collect-only") == 0
     rows = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert rows[0]["commits"] == ["f" * 40, "0" * 40]
+    # a run resumed twice by the same command lists that command once, with the count
+    info["resumed"].append(dict(info["resumed"][0]))
+    (run / "run.json").write_text(json.dumps(info))
+    assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    table = (tables / "results" / "ptb-small.md").read_text()
+    assert table.count("  - resumed 2 times: `tiedlm train --resume ") == 1 and "  - resumed: " not in table
 
 
 def test_a_run_resumed_on_other_hardware_names_both():

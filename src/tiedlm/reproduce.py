@@ -17,6 +17,7 @@ logs alone:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -206,6 +207,11 @@ def _vocab_size(run_dir: Path) -> int:
 
 def _command_text(argv: list[str]) -> str:
     return " ".join(["tiedlm", *argv[1:]])
+
+
+def _runs_of(items: list[str]) -> list[tuple[str, int]]:
+    """Consecutive equal items as (item, how many): a run resumed twice the same way is one line."""
+    return [(item, len(list(group))) for item, group in itertools.groupby(items)]
 
 
 def hardware_text(info: dict[str, Any]) -> str:
@@ -502,8 +508,8 @@ def render_markdown(
     lines += ["", "Exact commands (each run alone; `tiedlm reproduce` issues the same ones):", ""]
     for row in rows:
         lines.append(f"- {row['name']}: `{row['command']}`")
-        for resumed in row["resumed"]:
-            lines.append(f"  - resumed: `{resumed}`")
+        for resumed, times in _runs_of(row["resumed"]):
+            lines.append(f"  - resumed{f' {times} times' if times > 1 else ''}: `{resumed}`")
         if row["status"] == "in progress":
             lines.append(
                 f"  - in progress after {row['epochs']} of {row['max_epochs']} epochs: the command at the top of "
