@@ -196,6 +196,8 @@ def render(runs: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tiedlm.plot import perplexity_axis
+
     logs = out / "ablations"
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -239,7 +241,7 @@ def render(runs: Path, out: Path) -> None:
                 ax.plot(range(1, len(curve) + 1), curve, marker="o", label=by_arm[arm]["label"])
         ax.set_title(f"({key})", fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_yscale("log")
+        perplexity_axis(ax)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation perplexity")

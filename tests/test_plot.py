@@ -17,6 +17,25 @@ def test_plot_writes_a_png_of_several_runs(trained_run, tmp_path, config_file, c
     assert f"wrote {out}" in capsys.readouterr().out
 
 
+def test_perplexity_axis_labels_plain_numbers_and_whole_epochs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tiedlm.plot import perplexity_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3, 4], [229.3, 183.2, 163.7, 155.2])  # less than a decade: minor ticks carry the labels
+    perplexity_axis(ax)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels() if t.get_text()]
+    xs = [t.get_position()[0] for t in ax.get_xticklabels()]
+    plt.close(fig)
+    assert "160" in labels and all(label.isdigit() for label in labels), labels
+    assert xs and all(float(x).is_integer() for x in xs), xs
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

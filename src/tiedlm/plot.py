@@ -29,6 +29,17 @@ def read_run_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def perplexity_axis(ax, epochs: bool = True) -> None:
+    """A log perplexity axis labelled in plain numbers (120, not 1.2×10²); whole epochs on x."""
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    if epochs:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
     """Write a PNG of the runs' metrics.jsonl (see ``plot_curves``)."""
     runs = [(Path(d), read_run_metrics(Path(d))) for d in run_dirs]
@@ -58,8 +69,9 @@ def plot_curves(series: list[tuple[str, list[dict]]], out: Path) -> Path:
     by_epoch.set_xlabel("epoch")
     by_time.set_xlabel("wall time (minutes, training + validation)")
     by_epoch.set_ylabel("perplexity")
+    perplexity_axis(by_epoch)
+    perplexity_axis(by_time, epochs=False)
     for ax in (by_epoch, by_time):
-        ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     by_time.legend(fontsize=7, loc="upper right")
     fig.tight_layout()

@@ -349,6 +349,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tiedlm.plot import perplexity_axis
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for index, row in enumerate(rows):
         color = f"C{index}"
@@ -356,7 +358,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(epochs, [p["valid_ppl"] for p in row["curve"]], color=color, marker=".", label=f"{row['name']} valid")
         if row["paper_valid"]:
             ax.axhline(row["paper_valid"], color=color, linestyle=":", linewidth=1)
-    ax.set_yscale("log")
+    perplexity_axis(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"{title}: validation perplexity (dotted: the paper's final value)", fontsize=9)
