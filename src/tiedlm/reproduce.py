@@ -209,7 +209,7 @@ def _command_text(argv: list[str]) -> str:
     return " ".join(["tiedlm", *argv[1:]])
 
 
-def _runs_of(items: list[str]) -> list[tuple[str, int]]:
+def _collapse_repeats(items: list[str]) -> list[tuple[str, int]]:
     """Consecutive equal items as (item, how many): a run resumed twice the same way is one line."""
     return [(item, len(list(group))) for item, group in itertools.groupby(items)]
 
@@ -510,7 +510,7 @@ def render_markdown(
     lines += ["", "Exact commands (each run alone; `tiedlm reproduce` issues the same ones):", ""]
     for row in rows:
         lines.append(f"- {row['name']}: `{row['command']}`")
-        for resumed, times in _runs_of(row["resumed"]):
+        for resumed, times in _collapse_repeats(row["resumed"]):
             lines.append(f"  - resumed{f' {times} times' if times > 1 else ''}: `{resumed}`")
         if row["status"] == "in progress":
             lines.append(
