@@ -57,7 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("valid", "test"), default="valid")
     evaluate.add_argument("--batch-size", type=_positive_int, help="default: the config's eval_batch_size")
     evaluate.add_argument("--data", help="corpus to evaluate on (default: the one it was trained on)")
-    evaluate.add_argument("--precision", choices=("fp32", "bf16"), help="default: the precision it was trained in")
+    evaluate.add_argument(
+        "--precision", choices=("fp32", "bf16", "auto"), help="default: the precision it was trained in"
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
     generate = commands.add_parser("generate", help="sample text after a prompt")
@@ -224,12 +226,14 @@ def _cmd_eval(args) -> None:
     from tiedlm.checkpoint import load_checkpoint
     from tiedlm.data import load_corpus
     from tiedlm.evaluate import evaluate
+    from tiedlm.precision import resolve_precision, warn_if_emulated
 
     checkpoint = load_checkpoint(args.checkpoint, _device())
     corpus = load_corpus(args.data or checkpoint.config.data.corpus, vocab=checkpoint.vocab)
     batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
     config = checkpoint.config
-    precision = args.precision or config.train.precision
+    precision, _ = resolve_precision(args.precision or config.train.precision, _device())
+    warn_if_emulated(precision, _device(), "--precision")
     result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision)
     record = {
         "checkpoint": str(checkpoint.path),

@@ -94,7 +94,8 @@ class TrainConfig:
     time_limit_minutes: float = field(default=0.0, metadata=_range(0.0))
     nonfinite_patience: int = field(default=5, metadata=_range(1))  # consecutive NaN/inf steps before a rollback
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    precision: str = field(default="fp32", metadata=_choice("fp32", "bf16"))  # bf16 = autocast matmuls
+    # bf16 = autocast matmuls; auto = bf16 only where it is native (tiedlm/precision.py)
+    precision: str = field(default="fp32", metadata=_choice("fp32", "bf16", "auto"))
     # torch.compile what wins on a CPU (benchmarks/COMPILE.md): the augmented loss's fused (tokens x |V|) work
     compile: bool = False
     compile_model: bool = False  # also torch.compile the model's forward (slower on PTB small on a CPU)

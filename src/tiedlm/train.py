@@ -65,7 +65,7 @@ from tiedlm.errors import TiedlmError
 from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.loss import AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
-from tiedlm.precision import autocast
+from tiedlm.precision import autocast, cpu_features, resolve_precision, warn_if_emulated
 from tiedlm.runtime import git_commit, hardware
 
 KEEP_CHECKPOINTS = 2
@@ -290,6 +290,7 @@ class TrainingStep:
         config: Config,
         world: World | None = None,
         forward: torch.nn.Module | None = None,
+        precision: str | None = None,
     ):
         self.model, self.optimizer = model, optimizer
         self.world = world or World()
@@ -304,7 +305,8 @@ class TrainingStep:
         )
         self.batch_size = config.data.batch_size // self.world.size
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
-        self.precision = config.train.precision
+        # ``precision`` is the resolved one (fp32 or bf16) where the config says auto.
+        self.precision = precision or resolve_precision(config.train.precision, next(model.parameters()).device)[0]
 
     def window_loss(self, inputs, targets, state):
         """Per-token cross-entropy (and KL with the augmented loss) of one window."""
@@ -357,6 +359,9 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         if self.world.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
+        self.precision, self.precision_reason = resolve_precision(config.train.precision, self.device)
+        if self.world.main:
+            warn_if_emulated(self.precision, self.device)
         check_batch(self.world, config.data.batch_size)
         self.stop_signal: int | None = None
         self.position = EpochPosition()
@@ -406,7 +411,7 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.step = TrainingStep(self.model, self.optimizer, config, world, self.forward)
+        self.step = TrainingStep(self.model, self.optimizer, config, world, self.forward, self.precision)
         if resume is not None:
             self._restore(checkpoint)
             if world.main:
@@ -539,10 +544,18 @@ class Trainer:
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "hardware": hardware(self.device),
             "threads": torch.get_num_threads(),
+            **self._precision_info(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_text_atomic(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
         write_text_atomic(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    def _precision_info(self) -> dict[str, str]:
+        """The precision this stretch of the run trains in, why, and (on a CPU) the features behind it."""
+        info = {"precision": self.precision, "precision_reason": self.precision_reason}
+        if self.device.type == "cpu":
+            info["cpu_features"] = cpu_features().describe()
+        return info
 
     def _record_resume(self, source: Path) -> None:
         path = self.run_dir / "run.json"
@@ -558,6 +571,8 @@ class Trainer:
                 "torch": torch.__version__,
                 "hardware": hardware(self.device),
                 "threads": torch.get_num_threads(),
+                **self._precision_info(),
+                "from_epoch": self.progress.epoch + 1,  # this stretch trains from this epoch on
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
         )
@@ -725,7 +740,7 @@ class Trainer:
         stats = self.train_epoch(epoch)
         valid_start = time.perf_counter()
         valid = evaluate(
-            self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt, config.train.precision
+            self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt, self.precision
         )
         epoch_s = stats["s"] + time.perf_counter() - valid_start
         improved = valid.perplexity < progress.best_valid_ppl
@@ -757,7 +772,7 @@ class Trainer:
             raise TiedlmError(f"{self.run_dir}: no epoch reached a finite validation perplexity (training diverged)")
         load_model(self.model, str(self.run_dir / "best" / MODEL_FILE), device=str(self.device))
         data = self.config.data
-        precision = self.config.train.precision
+        precision = self.precision
         valid = evaluate(self.model, self.corpus.valid, data.eval_batch_size, data.bptt, precision)
         test = evaluate(self.model, self.corpus.test, data.eval_batch_size, data.bptt, precision)
         stopped = self._stop_reason() or "max_epochs"

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from tiedlm.config import ModelConfig
 from tiedlm.dropout import variational_mask
 from tiedlm.models.common import init_uniform, output_layer
+from tiedlm.precision import fused_lstm
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H)
 
@@ -104,7 +105,7 @@ class LSTMLanguageModel(nn.Module):
         for index, lstm in enumerate(self.layers):
             hx = (h0[index : index + 1], c0[index : index + 1])
             if masks is None:
-                x, (h, c) = lstm(x, hx)
+                x, (h, c) = fused_lstm(lstm, x, hx)
             else:
                 x = x * masks[index]
                 run = _fused_masked_layer if fused else _looped_masked_layer
@@ -119,7 +120,7 @@ class LSTMLanguageModel(nn.Module):
 def _fused_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.Tensor):
     """One layer with a batch-shared recurrent mask (1, H), folded into W_hh's columns."""
     weight_hh = lstm.weight_hh_l0 * mask  # (4H, H) * (1, H): column j scaled by m_j
-    return functional_call(lstm, {"weight_hh_l0": weight_hh}, (x, hx))
+    return fused_lstm(lstm, x, hx, call=lambda x, hx: functional_call(lstm, {"weight_hh_l0": weight_hh}, (x, hx)))
 
 
 def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.Tensor):
