@@ -123,13 +123,12 @@ def warn_if_emulated(precision: str, device: torch.device | str, setting: str = 
     _warned.add(setting)
     slowdown = f", {emulated_bf16_slowdown():.0f}x slower than fp32 here" if torch.device(device).type == "cpu" else ""
     print(
-        f"tiedlm: warning: {setting} = bf16 but {why}: bf16 products are emulated{slowdown} "
-        "(use fp32 or auto)",
+        f"tiedlm: warning: {setting} = bf16 but {why}: bf16 products are emulated{slowdown} (use fp32 or auto)",
         file=sys.stderr,
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused_lstm_bf16_ok(device_type: str) -> bool:
     """Whether the fused LSTM kernel (oneDNN on a CPU, cuDNN on a GPU) runs under bf16 autocast.
 

@@ -739,9 +739,7 @@ class Trainer:
             group["lr"] = lr
         stats = self.train_epoch(epoch)
         valid_start = time.perf_counter()
-        valid = evaluate(
-            self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt, self.precision
-        )
+        valid = evaluate(self.model, self.corpus.valid, config.data.eval_batch_size, config.data.bptt, self.precision)
         epoch_s = stats["s"] + time.perf_counter() - valid_start
         improved = valid.perplexity < progress.best_valid_ppl
         progress.epoch = epoch
