@@ -19,8 +19,9 @@ demo: $(STAMP)
 	$(BIN)/tiedlm train configs/ptb/small-real.toml --out runs/demo --set train.max_epochs=1 --set train.device=cpu
 	$(BIN)/tiedlm generate runs/demo --prompt "the company said" --words 40 --temperature 0.8 --seed 1
 
+# PYTEST_ARGS adds pytest options (.ci/run: --durations=10, and -m kernels under an AVX2 cap).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -42,6 +42,8 @@ def _table_section(results: Path, table: str, study: str = "") -> list[str]:
             ours = f"(best valid so far {_ppl(row['best_valid_so_far'])})"
         elif row.get("stopped_by") == "time_limit":
             status = "stopped by its time limit"
+        if row.get("stages", 1) > 1:  # trained in stages (the paper's protocol): the last one is reported
+            status = f"stage {row['stage']} of {row['stages']}: {status}"
         if row.get("differs_from_config"):
             keys = ", ".join(f"`{d['key']}`" for d in row["differs_from_config"])
             status += f"; its {keys} differs from the config now"

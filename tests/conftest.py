@@ -86,3 +86,18 @@ def trained_run(tmp_path: Path, config_file: Path) -> Path:
     run = tmp_path / "run"
     assert main(["train", str(config_file), "--out", str(run)]) == 0
     return run
+
+
+# Tests whose outcome depends on the CPU's kernels (bf16, oneDNN, the hand-written recurrences):
+# .ci/run runs them a second time with the CPU capped to AVX2 (`pytest -m kernels`).
+KERNEL_MODULES = {
+    "test_precision.py", "test_model.py", "test_loss.py", "test_train.py", "test_bench.py",
+    "test_rhn.py", "test_transformer.py",
+}  # fmt: skip
+KERNEL_TESTS = {"test_eval_both_splits_and_batch_size_one"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in KERNEL_MODULES or item.originalname in KERNEL_TESTS:
+            item.add_marker(pytest.mark.kernels)

@@ -218,3 +218,42 @@ def test_a_run_stopped_by_its_time_limit_says_how_to_go_on(tables):
     rows = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert rows[0]["status"] == "finished" and rows[0]["stopped_by"] == "max_epochs"
     assert "stopped by its time limit" not in (tables / "results" / "ptb-small.md").read_text()
+
+
+def test_a_table_trained_in_stages_starts_each_from_the_one_before(tables):
+    """paper.stages = 2 (PTB small in the paper): stage 2 starts from stage 1's best weights and is the cell."""
+    for variant in ("vd", "real"):
+        path = tables / "configs" / "ptb" / f"small-{variant}.toml"
+        path.write_text(path.read_text().replace("[paper]\n", "[paper]\nstages = 2\n"))
+    assert reproduce(tables, "--variants", "vd,real", "--jobs", "2", "--set", "train.max_epochs=1") == 0
+    runs = tables / "runs" / "ptb-small"
+    rows = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert [(row["variant"], row["stage"]) for row in rows] == [("vd", 2), ("real", 2)]
+    for row in rows:
+        stage1, stage2 = runs / row["variant"], runs / f"{row['variant']}-stage2"
+        info = json.loads((stage2 / "run.json").read_text())
+        assert info["init_from"]["checkpoint"] == str((stage1 / "best").resolve())
+        assert row["valid"] == json.loads((stage2 / "final.json").read_text())["valid_ppl"]
+        assert row["stage1_valid"] == json.loads((stage1 / "final.json").read_text())["valid_ppl"]
+        assert (row["paper_valid"], row["paper_test"]) == PAPER[row["variant"]]
+        assert [stage["key"] for stage in row["stage_rows"]] == [row["variant"], f"{row['variant']}-stage2"]
+    text = (tables / "results" / "ptb-small.md").read_text()
+    assert "## Training stages" in text and "| VD + RE + AL (REAL) | 2 of 2 |" in text
+    assert f"--set train.init_from={runs / 'vd'}" in text
+    # A fresh clone has the logs in results/ but no run folders: the tables come back the same.
+    before = (tables / "results" / "ptb-small.json").read_text()
+    runs.rename(tables / "elsewhere")
+    assert reproduce(tables, "--variants", "vd,real", "--collect-only") == 0
+    assert (tables / "results" / "ptb-small.json").read_text() == before
+
+
+def test_a_later_stage_waits_for_the_one_before(tables):
+    path = tables / "configs" / "ptb" / "small-re.toml"
+    path.write_text(path.read_text().replace("[paper]\n", "[paper]\nstages = 2\n"))
+    run = tables / "runs" / "ptb-small" / "re"
+    assert main(["train", str(path), "--out", str(run), "--set", "train.max_epochs=1"]) == 0
+    (run / "final.json").unlink()  # stage 1 interrupted after its last checkpoint
+    assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert row["stage"] == 1 and row["status"] == "in progress" and row["valid"] is None
+    assert "| VD + RE | 2 of 2 | — | — | — | — | not started |" in (tables / "results" / "ptb-small.md").read_text()

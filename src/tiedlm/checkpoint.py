@@ -273,3 +273,62 @@ def load_latest_good(run_dir: Path, device: str | torch.device = "cpu") -> tuple
     raise TiedlmError(
         f"--resume {run_dir}: no checkpoints in {run_dir / 'checkpoints'} (training never got going: start it again)"
     )
+
+
+# What fixes the shapes of a model's weights, per architecture (the other model settings, dropout
+# included, may differ between a run and the run it starts from).
+_STRUCTURE = {
+    "lstm": ("hidden_size", "num_layers", "tie_weights"),
+    "rhn": ("hidden_size", "depth", "tie_weights"),
+    "transformer": ("hidden_size", "num_layers", "num_heads", "context_size", "tie_weights"),
+}
+
+
+def manifest_digest(path: Path) -> str:
+    """The digest that seals a verified checkpoint's manifest (it changes when any file does)."""
+    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))["self"]
+
+
+def init_weights_from(
+    model: torch.nn.Module, config: Config, vocab: Vocabulary, source: str | Path, device
+) -> dict[str, Any]:
+    """Copy the weights of ``source`` (a run folder → its best/, or a checkpoint folder) into ``model``.
+
+    Only the weights: optimizer, schedule, counters and RNG start afresh. The source is verified
+    against its manifest, and its architecture and vocabulary must be those of ``config`` and
+    ``vocab``. Returns where the weights came from, for run.json and final.json.
+    """
+    where = f"train.init_from {source}"
+    try:
+        checkpoint = load_checkpoint(source, device)
+    except TiedlmError as exc:
+        raise TiedlmError(f"{where}: {exc}") from None
+    theirs, ours = checkpoint.config.model, config.model
+    fields = ("architecture", *_STRUCTURE.get(ours.architecture, ()))
+    for name in fields:
+        if getattr(theirs, name) != getattr(ours, name):
+            raise TiedlmError(
+                f"{where}: model.{name} is {getattr(theirs, name)!r} there but {getattr(ours, name)!r} here"
+            )
+    if theirs.has_output_bias() != ours.has_output_bias():
+        have = "has" if theirs.has_output_bias() else "has no"
+        raise TiedlmError(f"{where}: its decoder {have} output bias, unlike this config's (model.output_bias)")
+    if checkpoint.vocab != vocab:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(checkpoint.vocab.itos, vocab.itos, strict=False)) if a != b), None
+        )
+        detail = (
+            f"word {first} is {checkpoint.vocab.itos[first]!r} there but {vocab.itos[first]!r} here"
+            if first is not None
+            else f"{len(checkpoint.vocab)} words there, {len(vocab)} here"
+        )
+        raise TiedlmError(f"{where}: the vocabulary differs from this corpus's ({detail})")
+    model.load_state_dict(checkpoint.model.state_dict())
+    progress = checkpoint.trainer_state.get("progress", {})
+    return {
+        "source": str(Path(source).resolve()),
+        "checkpoint": str(checkpoint.path.resolve()),
+        "manifest_sha256": manifest_digest(checkpoint.path),
+        "epoch": progress.get("epoch"),
+        "best_valid_ppl": progress.get("best_valid_ppl"),
+    }

@@ -100,6 +100,9 @@ class TrainConfig:
     compile: bool = False
     compile_model: bool = False  # also torch.compile the model's forward (slower on PTB small on a CPU)
     tensorboard: bool = True  # also log every epoch to RUN/tensorboard/ when `tensorboard` is installed
+    # Start from the weights of another run's best/ (or of a checkpoint folder); optimizer, schedule,
+    # epochs and early stopping start afresh: the paper's second training stage for PTB small.
+    init_from: str = ""
 
 
 @dataclass
@@ -109,6 +112,10 @@ class PaperConfig:
     valid: float | None = None
     test: float | None = None
     source: str = ""
+    # How many training stages the paper's number took: stage k > 1 starts from stage k-1's best
+    # weights with a fresh schedule (train.init_from). `tiedlm reproduce` follows it; `tiedlm train`
+    # trains one stage. The paper's footnote 4: 2 for its small PTB models (docs/method.md).
+    stages: int = field(default=1, metadata=_range(1))
 
 
 @dataclass

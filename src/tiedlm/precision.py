@@ -96,18 +96,23 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[str, 
 
 
 def emulated_bf16_slowdown() -> float:
-    """How many times slower a bf16 product is than fp32 here (a 256² product, about 0.1 s to measure)."""
-    size, seconds = 256, {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
-        a @ b
-        start, count = time.perf_counter(), 0
-        while count < 3 or time.perf_counter() - start < 0.03:
-            a @ b
-            count += 1
-        seconds[dtype] = (time.perf_counter() - start) / count
-    return seconds[torch.bfloat16] / seconds[torch.float32]
+    """How many times slower a bf16 product is than fp32 here: the best of a few 256² products each, on one thread."""
+    size, best = 256, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy machine's oversubscribed threads would blur the comparison
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(size, size).to(dtype)
+            b = torch.randn(size, size).to(dtype)
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            best[dtype] = min(times)
+    finally:
+        torch.set_num_threads(threads)
+    return best[torch.bfloat16] / best[torch.float32]
 
 
 _warned: set[str] = set()

@@ -46,12 +46,25 @@ METRICS, RUN_INFO, FINAL = "metrics.jsonl", "run.json", "final.json"
 
 @dataclass
 class Plan:
-    """Where one variant's config, run folder and collected logs live."""
+    """Where one training stage of one variant has its config, run folder and collected logs.
+
+    Most tables train each variant once. Where the config's ``paper.stages`` says the paper
+    trained a cell in stages (PTB small: 2), stage k > 1 is the same config started from stage
+    k-1's best weights (``train.init_from``) with a fresh schedule, in ``RUNS/TABLE/VARIANT-stageK``.
+    """
 
     table: str
     variant: str
     config: Path
     run_dir: Path
+    stage: int = 1
+    stages: int = 1
+    previous: Plan | None = None  # the stage this one starts from
+
+    @property
+    def key(self) -> str:
+        """``real`` for stage 1, ``real-stage2`` after it: the name of its run folder and logs."""
+        return self.variant if self.stage == 1 else f"{self.variant}-stage{self.stage}"
 
     @property
     def finished(self) -> bool:
@@ -67,8 +80,16 @@ class Plan:
     def started(self) -> bool:
         return (self.run_dir / "checkpoints").is_dir()
 
+    @property
+    def ready(self) -> bool:
+        """Whether it can train now: the stage it starts from has finished."""
+        return self.previous is None or self.previous.finished
+
 
 def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Plan]:
+    """The stages to train, variant by variant, stage 1 first; every stage after the first needs the one before."""
+    from tiedlm.config import load_config
+
     if table not in TABLES:
         raise TiedlmError(f"reproduce: unknown table {table!r} (choose from {', '.join(TABLES)})")
     corpus, size = TABLES[table]
@@ -79,16 +100,23 @@ def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Pla
         config = configs / corpus / f"{size}-{variant}.toml"
         if not config.is_file():
             raise TiedlmError(f"{config}: no such config (give --configs, the folder holding ptb/ and wikitext-2/)")
-        plans.append(Plan(table, variant, config, runs / table / variant))
+        stages = load_config(config).paper.stages
+        previous = None
+        for stage in range(1, stages + 1):
+            name = variant if stage == 1 else f"{variant}-stage{stage}"
+            previous = Plan(table, variant, config, runs / table / name, stage, stages, previous)
+            plans.append(previous)
     return plans
 
 
 def train_command(item: Plan, overrides: list[str]) -> list[str]:
-    """The ``tiedlm train`` call for one variant: a fresh run, or the continuation of an interrupted one."""
+    """The ``tiedlm train`` call for one stage: a fresh run, or the continuation of an interrupted one."""
     if item.started:
         command = ["train", "--resume", str(item.run_dir)]
     else:
         command = ["train", str(item.config), "--out", str(item.run_dir)]
+        if item.previous is not None:
+            command += ["--set", f"train.init_from={item.previous.run_dir}"]
     for text in overrides:
         command += ["--set", text]
     return command
@@ -128,28 +156,31 @@ def train_all(
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while (todo and not stop) or running:
-            while todo and not stop and len(running) < jobs:
-                item = todo.pop(0)
+        while running or (not stop and any(item.ready for item in todo)):
+            while not stop and len(running) < jobs and any(item.ready for item in todo):
+                item = next(item for item in todo if item.ready)  # a later stage waits for the one before
+                todo.remove(item)
                 command = [python, "-m", "tiedlm", *train_command(item, overrides)]
                 item.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                log_path = item.run_dir.parent / f"{item.variant}.log"
+                log_path = item.run_dir.parent / f"{item.key}.log"
                 with open(log_path, "a", encoding="utf-8") as log:
                     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
                 running[proc] = item
-                say(f"{item.table}/{item.variant}: training ({' '.join(['tiedlm', *command[3:]])}; log {log_path})")
+                say(f"{item.table}/{item.key}: training ({' '.join(['tiedlm', *command[3:]])}; log {log_path})")
+            if not running:
+                break
             finished = _wait_any(running)
             item = running.pop(finished)
             code = finished.returncode
             if code == 0:
                 final = json.loads((item.run_dir / FINAL).read_text(encoding="utf-8"))
-                say(f"{item.table}/{item.variant}: done, valid {final['valid_ppl']:.2f}, test {final['test_ppl']:.2f}")
+                say(f"{item.table}/{item.key}: done, valid {final['valid_ppl']:.2f}, test {final['test_ppl']:.2f}")
             elif code in (130, 143):
-                say(f"{item.table}/{item.variant}: stopped with a checkpoint; `tiedlm reproduce` again resumes it")
+                say(f"{item.table}/{item.key}: stopped with a checkpoint; `tiedlm reproduce` again resumes it")
             else:
-                failed.append(item.variant)
-                log_path = item.run_dir.parent / f"{item.variant}.log"
-                say(f"{item.table}/{item.variant}: tiedlm train failed (exit {code}); see {log_path}")
+                failed.append(item.key)
+                log_path = item.run_dir.parent / f"{item.key}.log"
+                say(f"{item.table}/{item.key}: tiedlm train failed (exit {code}); see {log_path}")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -253,22 +284,51 @@ def config_drift(run_config: dict[str, Any], config_file: Path) -> list[dict[str
     ]
 
 
-def collect_run(item: Plan) -> dict[str, Any] | None:
-    """One row of the results: a finished run, or one in progress (``status`` says which)."""
-    run_dir = item.run_dir
-    if not (run_dir / METRICS).is_file():
-        return None
-    config = _read_json(run_dir / "config.json")
-    info = _read_json(run_dir / RUN_INFO)
-    metrics = read_metrics(run_dir / METRICS)
+def run_files(item: Plan, results: Path) -> dict[str, Path] | None:
+    """Where a stage's logs are: its run folder, or (a fresh clone) the copies in ``results/TABLE/``."""
+    in_run = {
+        "metrics": item.run_dir / METRICS,
+        "run": item.run_dir / RUN_INFO,
+        "final": item.run_dir / FINAL,
+        "config": item.run_dir / "config.json",
+    }
+    if in_run["metrics"].is_file():
+        return in_run
+    logs = results / item.table
+    copied = {
+        "metrics": logs / f"{item.key}.jsonl",
+        "run": logs / f"{item.key}.run.json",
+        "final": logs / f"{item.key}.final.json",
+        "config": logs / f"{item.key}.config.json",
+    }
+    return copied if copied["metrics"].is_file() and copied["config"].is_file() else None
+
+
+def _parameters(item: Plan, info: dict[str, Any], config: dict[str, Any]) -> int | None:
+    if "parameters" in info:
+        return info["parameters"]
+    vocab = item.run_dir / "best" / "vocab.txt"
+    return count_parameters(config, _vocab_size(item.run_dir)) if vocab.is_file() else None
+
+
+def collect_run(item: Plan, files: dict[str, Path]) -> dict[str, Any] | None:
+    """One stage's row of the results: finished, or in progress (``status`` says which)."""
+    config = _read_json(files["config"])
+    info = _read_json(files["run"])
+    metrics = read_metrics(files["metrics"])
     if not metrics:
         return None
-    final = _read_json(run_dir / FINAL) if item.finished else None
+    final = _read_json(files["final"]) if files["final"].is_file() else None
+    if final is not None and metrics[-1]["epoch"] > final.get("epochs", 0):
+        final = None  # resumed after it ended: the old final.json is out of date
     paper = config.get("paper", {})
-    commits = [info.get("commit")] + [r.get("commit") for r in info.get("resumed", [])]
+    stretches = [info, *info.get("resumed", [])]
     row = {
         "table": item.table,
         "variant": item.variant,
+        "key": item.key,
+        "stage": item.stage,
+        "stages": item.stages,
         "name": VARIANT_NAMES[item.variant],
         "status": "finished" if final else "in progress",
         "valid": final["valid_ppl"] if final else None,
@@ -276,54 +336,103 @@ def collect_run(item: Plan) -> dict[str, Any] | None:
         "best_valid_so_far": min(m["valid_ppl"] for m in metrics),
         "paper_valid": paper.get("valid"),
         "paper_test": paper.get("test"),
-        "params": count_parameters(config, _vocab_size(run_dir)),
+        "params": _parameters(item, info, config),
         "epochs": metrics[-1]["epoch"],
         "best_epoch": final["best_epoch"] if final else min(metrics, key=lambda m: m["valid_ppl"])["epoch"],
         "stopped_by": final["stopped_by"] if final else None,
         "wall_s": metrics[-1]["elapsed_s"],
         "hardware": hardware_text(info),
-        "precision": config["train"]["precision"],
+        "precision": precision_text(info, config),
         "dropout_mode": config["model"]["dropout_mode"],
         "seed": config["seed"],
         "commit": info.get("commit"),
-        "commits": list(dict.fromkeys(c for c in commits if c)),  # in the order the run used them
+        "commits": list(dict.fromkeys(c.get("commit") for c in stretches if c.get("commit"))),  # in order of use
         "command": _command_text(info["command"]),
         "resumed": [_command_text(r["command"]) for r in info.get("resumed", [])],
+        "init_from": (info.get("init_from") or {}).get("checkpoint"),
         "torch": info.get("torch"),
         "curve": [
             {"epoch": m["epoch"], "lr": m.get("lr"), "train_ppl": m["train_ppl"], "valid_ppl": m["valid_ppl"]}
             for m in metrics
         ],
-        "log": f"{item.table}/{item.variant}.jsonl",
+        "log": f"{item.table}/{item.key}.jsonl",
         "config": str(item.config),
         "run_dir": str(item.run_dir),
         "max_epochs": config["train"]["max_epochs"],
-        "differs_from_config": config_drift(config, item.config),
+        "differs_from_config": [
+            d for d in config_drift(config, item.config) if d["key"] != "train.init_from" or item.stage == 1
+        ],
     }
     return row
+
+
+def precision_text(info: dict[str, Any], config: dict[str, Any]) -> str:
+    """The precision of every stretch of a run, by epoch: ``fp32``, or ``bf16 (epochs 1-12); fp32 (13-)``."""
+    first = info.get("precision") or config["train"]["precision"]
+    stretches = [(1, first)]
+    for resumed in info.get("resumed", []):
+        if resumed.get("precision") and resumed["precision"] != stretches[-1][1]:
+            stretches.append((resumed.get("from_epoch", "?"), resumed["precision"]))
+    if len(stretches) == 1:
+        return first
+    parts = []
+    for index, (start, precision) in enumerate(stretches):
+        end = stretches[index + 1][0] if index + 1 < len(stretches) else None
+        span = f"{start}-{end - 1}" if isinstance(end, int) else f"{start}-"
+        parts.append(f"{precision} (epochs {span})")
+    return "; ".join(parts)
+
+
+def report_rows(stage_rows: list[dict[str, Any]], plans: list[Plan]) -> list[dict[str, Any]]:
+    """One row per variant: its last stage (the paper's cell), with the earlier stages' numbers beside it.
+
+    While the last stage has no epoch yet, the variant's row is in progress with no valid/test:
+    an earlier stage's numbers are not the cell the paper reports.
+    """
+    rows = []
+    for variant in dict.fromkeys(item.variant for item in plans):
+        stages = [row for row in stage_rows if row["variant"] == variant]
+        if not stages:
+            continue
+        last = next(item for item in reversed(plans) if item.variant == variant)
+        row = dict(stages[-1])
+        complete = row["stage"] == last.stage
+        if not complete:
+            row.update(status="in progress", valid=None, test=None, stopped_by=None)
+        for earlier in stages[:-1] if complete else stages:
+            n = earlier["stage"]
+            row[f"stage{n}_valid"], row[f"stage{n}_test"] = earlier["valid"], earlier["test"]
+            row[f"stage{n}_epochs"], row[f"stage{n}_status"] = earlier["epochs"], earlier["status"]
+        row["stage_rows"] = stages
+        rows.append(row)
+    return rows
 
 
 def collect(plans: list[Plan], results: Path, command: str) -> list[dict[str, Any]]:
     """Copy the runs' logs into ``results/TABLE/`` and write TABLE.json, TABLE.md and TABLE.png."""
     table = plans[0].table
-    rows = []
+    stage_rows = []
     logs = results / table
     for item in plans:
-        row = collect_run(item)
+        files = run_files(item, results)
+        row = collect_run(item, files) if files else None
         if row is None:
             continue
-        logs.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(item.run_dir / METRICS, logs / f"{item.variant}.jsonl")
-        shutil.copyfile(item.run_dir / RUN_INFO, logs / f"{item.variant}.run.json")
-        if item.finished:
-            shutil.copyfile(item.run_dir / FINAL, logs / f"{item.variant}.final.json")
-        rows.append(row)
-    if not rows:
+        if files["metrics"].parent == item.run_dir:
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files["metrics"], logs / f"{item.key}.jsonl")
+            shutil.copyfile(files["run"], logs / f"{item.key}.run.json")
+            shutil.copyfile(files["config"], logs / f"{item.key}.config.json")
+            if row["status"] == "finished":
+                shutil.copyfile(files["final"], logs / f"{item.key}.final.json")
+        stage_rows.append(row)
+    if not stage_rows:
         where = ", ".join(str(item.run_dir) for item in plans)
         raise TiedlmError(f"reproduce {table}: no run has finished an epoch yet ({where})")
+    rows = report_rows(stage_rows, plans)
     _write_text(results / f"{table}.json", json.dumps(rows, indent=2) + "\n")
     plot_curves(rows, results / f"{table}.png", title=table)
-    paper = [_paper_numbers(item) for item in plans]
+    paper = [_paper_numbers(item) for item in plans if item.stage == 1]
     _write_text(results / f"{table}.md", render_markdown(table, rows, command, paper))
     return rows
 
@@ -353,13 +462,17 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for index, row in enumerate(rows):
-        color = f"C{index}"
-        epochs = [point["epoch"] for point in row["curve"]]
-        ax.plot(epochs, [p["valid_ppl"] for p in row["curve"]], color=color, marker=".", label=f"{row['name']} valid")
+        color, offset = f"C{index}", 0
+        for stage in row.get("stage_rows", [row]):  # a later stage continues the curve of the one before
+            epochs = [offset + point["epoch"] for point in stage["curve"]]
+            label = f"{row['name']} valid" + (f", stage {stage['stage']}" if stage.get("stages", 1) > 1 else "")
+            style = "-" if stage["stage"] == row.get("stages", 1) else "--"
+            ax.plot(epochs, [p["valid_ppl"] for p in stage["curve"]], style, color=color, marker=".", label=label)
+            offset = epochs[-1]
         if row["paper_valid"]:
             ax.axhline(row["paper_valid"], color=color, linestyle=":", linewidth=1)
     perplexity_axis(ax)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (a later stage's epochs follow the earlier one's)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"{title}: validation perplexity (dotted: the paper's final value)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -374,6 +487,10 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def _number(value: float | None, digits: int = 1) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _millions(count: int | None) -> str:
+    return "—" if count is None else f"{count / 1e6:.2f}M"
 
 
 def _delta(ours: float | None, paper: float | None) -> str:
@@ -446,6 +563,39 @@ def fit_lines(rows: list[dict[str, Any]], window: int = 5) -> list[str]:
     return lines + [""]
 
 
+def _stage_name(row: dict[str, Any]) -> str:
+    return row["name"] + (f", stage {row['stage']}" if row.get("stages", 1) > 1 else "")
+
+
+def stage_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A section with every training stage of the variants trained in stages (none: no section)."""
+    staged = [row for row in rows if row.get("stages", 1) > 1]
+    if not staged:
+        return []
+    lines = [
+        "## Training stages",
+        "",
+        "The paper trained these cells in stages (its footnote 4; docs/method.md): each stage after the",
+        "first starts from the best weights of the one before, with the schedule started again from the",
+        "config's lr. The table above reports the last stage. Each stage stops by the config's rule:",
+        "`train.max_epochs`, or `train.patience` epochs without a better validation perplexity.",
+        "",
+        "| variant | stage | valid | test | epochs (best) | wall | status |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in staged:
+        for stage in row["stage_rows"]:
+            status = stage["status"] if stage["status"] != "finished" else f"stopped by {stage['stopped_by']}"
+            lines.append(
+                f"| {row['name']} | {stage['stage']} of {stage['stages']} | {_number(stage['valid'], 2)} "
+                f"| {_number(stage['test'], 2)} | {stage['epochs']} ({stage['best_epoch']}) "
+                f"| {stage['wall_s'] / 60:.0f} min | {status} |"
+            )
+        for missing in range(len(row["stage_rows"]) + 1, row["stages"] + 1):
+            lines.append(f"| {row['name']} | {missing} of {row['stages']} | — | — | — | — | not started |")
+    return lines + [""]
+
+
 def render_markdown(
     table: str, rows: list[dict[str, Any]], command: str, paper: list[dict[str, Any]] | None = None
 ) -> str:
@@ -468,11 +618,14 @@ def render_markdown(
         status = row["status"] if row["status"] != "finished" else f"stopped by {row['stopped_by']}"
         if row["status"] != "finished":
             status += f" (best valid so far {row['best_valid_so_far']:.2f})"
+        if row.get("stages", 1) > 1:
+            status = f"stage {row['stage']} of {row['stages']}: {status}"
         lines.append(
             f"| {row['name']} | {_number(row['paper_valid'])} | {_number(row['paper_test'])} "
             f"| {_number(row['valid'], 2)} | {_number(row['test'], 2)} "
             f"| {_delta(row['valid'], row['paper_valid'])} | {_delta(row['test'], row['paper_test'])} "
-            f"| {row['params'] / 1e6:.2f}M | {row['epochs']} ({row['best_epoch']}) "
+            f"| {_millions(row['params'])} "
+            f"| {row['epochs']} ({row['best_epoch']}) "
             f"| {row['wall_s'] / 60:.0f} min | {status} |"
         )
     finished = [r for r in rows if r["status"] == "finished"]
@@ -483,18 +636,20 @@ def render_markdown(
     lines.append(f"- ours, valid: {ordering(finished, 'valid') or '(no finished run yet)'}")
     lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on test: {ordering_verdict(finished, 'test')}")
     lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on valid: {ordering_verdict(finished, 'valid')}")
-    lines += ["", f"![validation learning curves]({table}.png)", "", *fit_lines(rows), "## Runs", ""]
+    stage_rows = [stage for row in rows for stage in row.get("stage_rows", [row])]
+    lines += ["", f"![validation learning curves]({table}.png)", "", *stage_lines(rows)]
+    lines += [*fit_lines(stage_rows), "## Runs", ""]
     lines += [
         "| variant | seed | precision | VD mode | hardware | commit | torch | log |",
         "|---|---:|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for row in stage_rows:
         commits = ", ".join(f"`{c[:8]}`" for c in row["commits"]) or "?"
         lines.append(
-            f"| {row['name']} | {row['seed']} | {row['precision']} | {row['dropout_mode']} | {row['hardware']} "
-            f"| {commits} | {row['torch']} | [{row['variant']}.jsonl]({row['log']}) |"
+            f"| {_stage_name(row)} | {row['seed']} | {row['precision']} | {row['dropout_mode']} | {row['hardware']} "
+            f"| {commits} | {row['torch']} | [{row['key']}.jsonl]({row['log']}) |"
         )
-    drifted = [row for row in rows if row.get("differs_from_config")]
+    drifted = [row for row in stage_rows if row.get("differs_from_config")]
     if drifted:
         lines += [
             "",
@@ -506,10 +661,10 @@ def render_markdown(
             changes = "; ".join(
                 f"`{d['key']}` {d['run']!r} (run) vs {d['file']!r} (file)" for d in row["differs_from_config"]
             )
-            lines.append(f"- {row['name']} (`{row['config']}`): {changes}")
+            lines.append(f"- {_stage_name(row)} (`{row['config']}`): {changes}")
     lines += ["", "Exact commands (each run alone; `tiedlm reproduce` issues the same ones):", ""]
-    for row in rows:
-        lines.append(f"- {row['name']}: `{row['command']}`")
+    for row in stage_rows:
+        lines.append(f"- {_stage_name(row)}: `{row['command']}`")
         for resumed, times in _collapse_repeats(row["resumed"]):
             lines.append(f"  - resumed{f' {times} times' if times > 1 else ''}: `{resumed}`")
         if row["status"] == "in progress":

@@ -48,6 +48,7 @@ from tiedlm.checkpoint import (
     MODEL_FILE,
     Checkpoint,
     checkpoint_name,
+    init_weights_from,
     link_checkpoint,
     load_checkpoint,
     load_latest_good,
@@ -364,6 +365,7 @@ class Trainer:
             warn_if_emulated(self.precision, self.device)
         check_batch(self.world, config.data.batch_size)
         self.stop_signal: int | None = None
+        self.init_source: dict[str, Any] | None = None  # where train.init_from's weights came from
         self.position = EpochPosition()
         self.lock: RunLock | None = None
         self.tensorboard = None
@@ -399,6 +401,10 @@ class Trainer:
             self.corpus = load_corpus(config.data.corpus)
             torch.manual_seed(config.seed)
             self.model = build_model(config.model, len(self.corpus.vocab)).to(self.device)
+            if config.train.init_from:
+                self.init_source = init_weights_from(
+                    self.model, config, self.corpus.vocab, config.train.init_from, self.device
+                )
         if world.main:
             _check_free_space(self.run_dir, self.model)
         self.model.mask_generator = torch.Generator(device=self.device)
@@ -547,8 +553,21 @@ class Trainer:
             **self._precision_info(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if self.init_source is not None:
+            info["init_from"] = self.init_source
+        info |= self._model_size()
         write_text_atomic(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
         write_text_atomic(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    def _model_size(self) -> dict[str, int]:
+        """Vocabulary size and trainable parameters (tied matrices once): what results tables show."""
+        return {"vocab_size": len(self.corpus.vocab), "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def _recorded_init_source(self) -> dict[str, Any] | None:
+        """train.init_from's source as run.json recorded it when the run started (for a resumed run)."""
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((self.run_dir / "run.json").read_text(encoding="utf-8")).get("init_from")
+        return None
 
     def _precision_info(self) -> dict[str, str]:
         """The precision this stretch of the run trains in, why, and (on a CPU) the features behind it."""
@@ -563,6 +582,8 @@ class Trainer:
             info = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             info = {}
+        for key, value in self._model_size().items():  # a run started before run.json recorded them
+            info.setdefault(key, value)
         info.setdefault("resumed", []).append(
             {
                 "from": str(source),
@@ -786,6 +807,9 @@ class Trainer:
             "paper_test_ppl": self.config.paper.test,
             "elapsed_s": self.progress.elapsed_s,
         }
+        init_source = self.init_source or self._recorded_init_source()
+        if init_source:
+            report["init_from"] = init_source
         if self.world.main:
             write_text_atomic(self.run_dir / "final.json", json.dumps(report, indent=2) + "\n")
         self.world.barrier()
