@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tiedlm import __version__
-from tiedlm.errors import InvalidArgument, TiedlmError
+from tiedlm.errors import DiskFull, InvalidArgument, TiedlmError
 from tiedlm.runtime import tune_allocator
 
 
@@ -210,22 +210,25 @@ def _train(args, world) -> int:
             config = load_config(args.config, args.overrides)
         else:
             source = load_checkpoint(resume) if resume != run_dir else load_latest_good(run_dir)[0]
-            saved = source.config.to_dict()
-            for text in args.overrides:
-                config_from_dict(apply_overrides(saved, [text]), f"--set {text!r}")
+            saved = source.config.to_dict()  # apply_overrides blames a bad value on its --set
             config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source.path}")
     else:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / config.name
     device = resolve_device(config.train.device)
     init_world(world, torch.device("cuda", world.local_rank) if device.type == "cuda" else device)
-    trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
     try:
+        trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
         report = trainer.fit()
     except Interrupted as stop:
         if world.main:
             print(f"tiedlm: {stop}; continue with: tiedlm train --resume {run_dir}", file=sys.stderr)
         return stop.exit_code
+    except DiskFull as exc:
+        from tiedlm.checkpoint import run_checkpoints
+
+        then = f"continue with: tiedlm train --resume {run_dir}" if run_checkpoints(run_dir) else "start it again"
+        raise DiskFull(f"{exc}; free some space, then {then}") from None
     if not world.main:
         return 0
     print(json.dumps(report))
@@ -246,7 +249,10 @@ def _cmd_eval(args) -> None:
     batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
     config = checkpoint.config
     precision = args.precision or config.train.precision
-    result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision)
+    result = evaluate(
+        checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision,
+        where=corpus.describe(args.split), option="--batch-size" if args.batch_size else "data.eval_batch_size",
+    )  # fmt: skip
     record = {
         "checkpoint": str(checkpoint.path),
         "corpus": corpus.name,
