@@ -256,6 +256,14 @@ def test_too_few_tokens_names_the_split_and_the_option(capsys, tmp_path):
     assert "valid.txt (valid split)" in message and "data.eval_batch_size = 100" in message
 
 
+def test_too_few_tokens_for_eval_names_the_option(capsys, tmp_path, monkeypatch):
+    config, run, options = tiny_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "c.toml", "--out", "run", *options]) == 0
+    message = one_line_error(*cli(capsys, "eval", run, "--split", "test", "--batch-size", 1000))
+    assert message.startswith(f"{tmp_path / 'corpus' / 'test.txt'} (test split): ") and "--batch-size = 1000" in message
+
+
 def test_a_whitespace_only_train_file_is_empty(capsys, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", words=200)
     (corpus / "train.txt").write_text(" \n\t\n\n")
