@@ -55,7 +55,7 @@ def test_generate_rejects_bad_settings(trained_run):
     lm = tiedlm.LanguageModel.from_pretrained(trained_run)
     with pytest.raises(TiedlmError, match="temperature"):
         lm.generate("w1", temperature=-1)
-    with pytest.raises(TiedlmError, match="top-k"):
+    with pytest.raises(TiedlmError, match="top_k"):
         lm.generate("w1", top_k=-2)
 
 

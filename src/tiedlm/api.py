@@ -9,7 +9,14 @@
 
 A saved folder is the checkpoint folder of the command line: ``config.json``,
 ``vocab.txt``, ``model.safetensors`` and a SHA-256 ``manifest.json``, written
-atomically and verified when loaded.
+atomically and verified when loaded. ``save_pretrained`` never replaces anything but
+a checkpoint, and that only with ``overwrite=True``.
+
+Every method checks its arguments first, with the same checks as the command line
+(:mod:`tiedlm.validate`): a wrong value raises :class:`~tiedlm.errors.InvalidArgument`
+(a ``ValueError``), a wrong type :class:`~tiedlm.errors.InvalidArgumentType` (a
+``TypeError``), each naming the argument; a problem with a file or a folder raises
+:class:`~tiedlm.errors.TiedlmError` naming it. All three are subclasses of ``TiedlmError``.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from pathlib import Path
 
 import torch
 
-from tiedlm.checkpoint import load_checkpoint, save_checkpoint
+from tiedlm import validate
+from tiedlm.checkpoint import check_save_target, load_checkpoint, save_checkpoint
 from tiedlm.config import Config
 from tiedlm.data import Vocabulary
-from tiedlm.generate import LineScore, generate_batch, score_lines
+from tiedlm.errors import TiedlmError
+from tiedlm.generate import LineScore, format_words, generate_batch, score_lines
 
 
 @dataclass
@@ -48,13 +57,30 @@ class LanguageModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
         """Load a checkpoint folder, or a run folder (its ``best/`` checkpoint); checksums are verified."""
+        path, device = validate.path(path), validate.device(device)
         checkpoint = load_checkpoint(path, device)
         return cls(checkpoint.model, checkpoint.vocab, checkpoint.config)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write a checkpoint folder (atomically; an existing folder at ``path`` is replaced)."""
-        path = Path(path)
-        save_checkpoint(path, self.model, self.config, self.vocab)
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a checkpoint folder at ``path``, atomically; missing parent folders are created.
+
+        Nothing but a tiedlm checkpoint is ever replaced: a file, a link or a folder holding
+        anything else is refused (:class:`~tiedlm.errors.TiedlmError`), and an existing
+        checkpoint only with ``overwrite=True``. An empty folder is written into. A failed
+        write (a full disk, an unwritable folder) leaves everything as it was.
+        """
+        path, overwrite = validate.path(path), validate.flag(overwrite, "overwrite")
+        check_save_target(path, overwrite)
+        created = [folder for folder in path.parents if not folder.exists()]
+        try:
+            save_checkpoint(path, self.model, self.config, self.vocab)
+        except TiedlmError:
+            for folder in created:  # innermost first: the folders this call made, if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
         return path
 
     @property
@@ -62,15 +88,15 @@ class LanguageModel:
         return next(self.model.parameters()).device
 
     def to(self, device: str | torch.device) -> LanguageModel:
-        self.model.to(device)
+        self.model.to(validate.device(device))
         return self
 
     def score(self, texts: str | list[str], batch_size: int = 32) -> Scores:
         """Score each text on its own, as P(words, ``<eos>`` | ``<eos>``) from a fresh state.
 
         Words outside the vocabulary count as ``<unk>`` (an error if the vocabulary has none).
+        ``texts`` must hold at least one text; memory does not grow with a text's length.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
         lines = score_lines(self.model, self.vocab, texts, batch_size, "texts")
         return Scores(lines, sum(s.logprob for s in lines), sum(s.tokens for s in lines))
 
@@ -85,12 +111,11 @@ class LanguageModel:
         """Continue a prompt (or several, sampled together in one batch) by ``words`` words.
 
         Returns the prompt followed by its continuation, with a line break at each ``<eos>``;
-        a list when given a list. ``temperature=0`` is greedy; ``top_k`` restricts sampling to
-        the k most likely words; ``seed`` makes sampling repeatable.
+        a list when given a list. ``words`` ≥ 1; ``temperature`` finite and ≥ 0, where 0 is
+        greedy; ``top_k`` an integer ≥ 0 that restricts sampling to the k most likely words
+        (0: all); ``seed`` (an integer torch accepts) makes sampling repeatable.
         """
-        from tiedlm.generate import format_words
-
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = validate.strings(prompt, "prompt")
         results = generate_batch(self.model, self.vocab, prompts, words, temperature, top_k, seed)
         texts = [format_words(p.split() + out) for p, (out, _) in zip(prompts, results, strict=True)]
         return texts[0] if isinstance(prompt, str) else texts

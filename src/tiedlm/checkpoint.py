@@ -14,11 +14,13 @@ and 120 windows of epoch 4 (written when training is interrupted). ``RUN/best/``
 holds the best epoch by validation perplexity. Folders are written under a
 temporary name and renamed into place, and removed by first renaming them
 away, so no reader, and no crash, can leave a half-written checkpoint under
-a real name.
+a real name. A write that fails (a full disk, say) removes its temporary folder and
+leaves whatever was there before as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,14 +36,19 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from tiedlm.config import Config, config_from_dict
 from tiedlm.data import Vocabulary
-from tiedlm.errors import TiedlmError
+from tiedlm.errors import DiskFull, TiedlmError
 from tiedlm.models import build_model
 
 MODEL_FILE = "model.safetensors"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.txt"
+CHECKPOINT_FILES = (CONFIG_FILE, VOCAB_FILE, MODEL_FILE, STATE_JSON, STATE_TENSORS, MANIFEST)
 _NAME = re.compile(r"^epoch-(\d{4,})(?:\+(\d{6,}))?$")
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 @dataclass
@@ -72,14 +79,72 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{max(1, round(n / 1024))} KiB"
+
+
+def _free_space(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
+
+
+def _os_error(exc: Exception) -> OSError | None:
+    """The OSError behind ``exc``; safetensors reports one as "… (os error 28)" in a SafetensorError."""
+    if isinstance(exc, OSError):
+        return exc
+    match = _OS_ERROR.search(str(exc)) if isinstance(exc, SafetensorError) else None
+    return OSError(int(match[1]), os.strerror(int(match[1]))) if match else None
+
+
+def write_error(path: Path, exc: OSError, needed: int, what: str = "") -> TiedlmError:
+    """The one-line error for a failed write of ``path`` (which has been cleaned up after).
+
+    Out of space or quota: a :class:`DiskFull` that says about how much ``path`` needs and
+    how much is free; otherwise the system's reason.
+    """
+    where = f"{what} {path}".strip()
+    if exc.errno in _NO_SPACE:
+        free = _free_space(path)
+        left = f", {_size(free)} free" if free is not None else ""
+        return DiskFull(
+            f"{where}: no space left on the device (it needs about {_size(needed)}{left}); "
+            "nothing that was there before was changed"
+        )
+    return TiedlmError(f"{where}: cannot write ({exc.strerror or exc})")
+
+
+def _discard(path: Path) -> None:
+    """Remove what a failed write left under its temporary name (a failure here leaves it to remove_stale)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file under a temporary name, flush it to disk, then rename it into place."""
+    """Write a file under a temporary name, flush it to disk, then rename it into place.
+
+    A failure (a full disk, say) removes the temporary file, leaves ``path`` as it was and
+    raises a one-line :class:`TiedlmError` (:class:`DiskFull` for lack of space).
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_error(path, exc, len(data)) from None
 
 
 def _sha256(path: Path) -> str:
@@ -98,11 +163,15 @@ def remove_dir(path: Path) -> None:
 
 
 def _install_dir(tmp: Path, path: Path) -> None:
-    """Move the finished folder ``tmp`` to ``path``, replacing what is there."""
+    """Move the finished folder ``tmp`` to ``path``, replacing what is there (put back if that fails)."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.rename(path, old)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            os.rename(old, path)
+            raise
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
@@ -134,36 +203,101 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     trainer_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint folder atomically; an existing folder at ``path`` is replaced."""
+    """Write a checkpoint folder atomically; an existing folder at ``path`` is replaced.
+
+    (:meth:`tiedlm.LanguageModel.save_pretrained` first checks, with :func:`check_save_target`,
+    that what it would replace is a checkpoint.) A failed write, a full disk included, leaves
+    no temporary folder behind and ``path`` as it was, and raises a one-line :class:`TiedlmError`.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-    vocab.save(tmp / "vocab.txt")
-    save_model(model, str(tmp / MODEL_FILE))
-    if trainer_state is not None:
-        (tmp / STATE_JSON).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()}
-        save_file(tensors, str(tmp / STATE_TENSORS))
-    _seal(tmp)
-    _install_dir(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()}
+    needed = _tensor_bytes(model.state_dict().values()) + _tensor_bytes(tensors.values()) + (64 << 10)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        vocab.save(tmp / VOCAB_FILE)
+        save_model(model, str(tmp / MODEL_FILE))
+        if trainer_state is not None:
+            (tmp / STATE_JSON).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+            save_file(tensors, str(tmp / STATE_TENSORS))
+        _seal(tmp)
+        _install_dir(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        error = _os_error(exc)
+        if error is None:
+            raise
+        _discard(tmp)
+        raise write_error(path, error, needed, "checkpoint") from None
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of ``tensors`` as safetensors stores them (a storage shared by tied weights once)."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def check_save_target(path: Path, overwrite: bool, where: str = "save_pretrained") -> None:
+    """Refuse to save at ``path`` where that would destroy anything but a tiedlm checkpoint.
+
+    Nothing there, or an empty folder: fine. A checkpoint folder (only the files a checkpoint
+    has): replaced only with ``overwrite``. Anything else (a file, a link, a folder holding other
+    files, a run folder) is refused whatever ``overwrite`` says. The command line has no way to
+    overwrite: ``tiedlm train`` refuses an --out that holds a run, and nothing else writes
+    checkpoints.
+    """
+    try:
+        if path.is_symlink():
+            raise TiedlmError(f"{where} {path}: is a symbolic link; refusing to replace it")
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise TiedlmError(f"{where} {path}: exists and is not a folder; refusing to replace it")
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise TiedlmError(f"{where} {path}: cannot inspect it ({exc.strerror or exc})") from None
+    if not entries:
+        return
+    if _is_run(path):
+        raise TiedlmError(f"{where} {path}: is a training run folder, not a checkpoint; refusing to replace it")
+    foreign = [e.name for e in entries if e.name not in CHECKPOINT_FILES or not e.is_file() or e.is_symlink()]
+    if foreign or not is_checkpoint(path):
+        held = f"it holds {foreign[0]!r}" if foreign else "it lacks " + ", ".join(_missing_files(path))
+        raise TiedlmError(f"{where} {path}: is a folder but not a tiedlm checkpoint ({held}); refusing to replace it")
+    if not overwrite:
+        raise TiedlmError(f"{where} {path}: already holds a checkpoint; pass overwrite=True to replace it")
 
 
 def link_checkpoint(source: Path, target: Path) -> None:
-    """Make ``target`` a copy of checkpoint ``source`` (hard links: files are never rewritten in place)."""
+    """Make ``target`` a copy of checkpoint ``source`` (hard links: files are never rewritten in place).
+
+    A failed write (a full disk: a copy where links are impossible needs the checkpoint's size)
+    leaves ``target`` as it was and raises a one-line :class:`TiedlmError`.
+    """
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for child in source.iterdir():
-        try:
-            os.link(child, tmp / child.name)
-        except OSError:
-            shutil.copy2(child, tmp / child.name)
-    _fsync_dir(tmp)
-    _install_dir(tmp, target)
+    needed = 0
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for child in source.iterdir():
+            needed += child.stat().st_size
+            try:
+                os.link(child, tmp / child.name)
+            except OSError:
+                shutil.copy2(child, tmp / child.name)
+        _fsync_dir(tmp)
+        _install_dir(tmp, target)
+    except OSError as exc:
+        _discard(tmp)
+        raise write_error(target, exc, max(needed, 4096), "checkpoint") from None
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -190,7 +324,20 @@ def verify_checkpoint(path: Path) -> None:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / MODEL_FILE).is_file() and (path / "config.json").is_file()
+    return (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def _missing_files(path: Path) -> list[str]:
+    return [name for name in (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, MANIFEST) if not (path / name).is_file()]
+
+
+def _incomplete(path: Path) -> TiedlmError:
+    missing = ", ".join(_missing_files(path))
+    return TiedlmError(f"checkpoint {path}: {missing} missing (the checkpoint is incomplete)")
+
+
+def _is_run(path: Path) -> bool:
+    return any((path / name).exists() for name in ("run.json", "metrics.jsonl", "checkpoints", "best"))
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
@@ -218,17 +365,34 @@ def remove_stale(run_dir: Path) -> list[Path]:
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     """A checkpoint folder, or a run folder → its ``best`` (or, prefer="latest", newest) checkpoint."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, folder = path.exists(), path.is_dir()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+        raise TiedlmError(f"checkpoint {path!r}: not a usable path ({exc})") from None
+    if not exists:
         raise TiedlmError(f"checkpoint {path}: no such file or directory")
+    if not folder:
+        raise TiedlmError(f"checkpoint {path}: is a file, not a checkpoint or run folder")
     if is_checkpoint(path):
         return path
+    if not _is_run(path):  # a run folder has a config.json of its own
+        if any((path / name).exists() for name in CHECKPOINT_FILES):  # a checkpoint folder with files gone
+            raise _incomplete(path)
+        raise TiedlmError(
+            f"checkpoint {path}: not a checkpoint folder ({MODEL_FILE}, {CONFIG_FILE}, …) "
+            "nor a run folder (best/, checkpoints/)"
+        )
     candidates = [path / "best"] if prefer == "best" else run_checkpoints(path)[::-1]
     for candidate in candidates:
         if is_checkpoint(candidate):
             return candidate
-    raise TiedlmError(
-        f"checkpoint {path}: not a checkpoint folder (no {MODEL_FILE} and config.json) nor a run with one"
-    )
+    best = path / "best"
+    if prefer == "best" and best.is_dir():
+        raise _incomplete(best)
+    held = run_checkpoints(path)
+    hint = f"; its newest checkpoint is {held[-1]}" if held else ""
+    wanted = "best/ checkpoint (no epoch has finished yet)" if prefer == "best" else "intact checkpoint"
+    raise TiedlmError(f"run {path}: has no {wanted}{hint}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer: str = "best") -> Checkpoint:
@@ -242,8 +406,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", prefer
     if not isinstance(raw, dict):
         raise TiedlmError(f"checkpoint {path / 'config.json'}: expected a JSON object")
     config = config_from_dict(raw, f"checkpoint {path / 'config.json'}")
-    vocab = Vocabulary.load(path / "vocab.txt")
-    model = build_model(config.model, len(vocab))
+    vocab = Vocabulary.load(path / VOCAB_FILE)
+    try:
+        model = build_model(config.model, len(vocab))
+    except TiedlmError as exc:  # e.g. a model too large for this machine's memory
+        raise TiedlmError(f"checkpoint {path / CONFIG_FILE}: {exc}") from None
     try:
         load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
     except (SafetensorError, RuntimeError, OSError) as exc:

@@ -1,12 +1,16 @@
 """The ``tiedlm`` command: parses arguments and calls the library.
 
 Every user error ends as one line on stderr, ``tiedlm: error: …``, and exit
-code 2; nothing already written is overwritten.
+code 2; nothing already written is overwritten. Options that the library checks
+(``generate``'s and ``score``'s) are passed to it as they are, and its
+:class:`~tiedlm.errors.InvalidArgument` is reported under the option's name, so
+the command line and the Python API refuse the same values with the same words.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tiedlm import __version__
-from tiedlm.errors import TiedlmError
+from tiedlm.errors import DiskFull, InvalidArgument, TiedlmError
 from tiedlm.runtime import tune_allocator
 
 
@@ -32,6 +36,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+@contextlib.contextmanager
+def _as_options(**options: str):
+    """Report the library's InvalidArgument for argument NAME as one for the option ``options[NAME]``."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if exc.name in options:
+            raise exc.renamed(options[exc.name]) from None
+        raise
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -65,15 +80,16 @@ def _build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample text after a prompt")
     generate.add_argument("checkpoint")
     generate.add_argument("--prompt", default="", help="words to continue (out-of-vocabulary words become <unk>)")
-    generate.add_argument("--words", type=_positive_int, default=50)
-    generate.add_argument("--temperature", type=float, default=1.0, help="0 = always the most likely word")
+    # Checked by tiedlm.generate (tiedlm.validate.generation), as in the Python API.
+    generate.add_argument("--words", type=int, default=50, help="words to generate (≥ 1)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="finite, ≥ 0; 0 = always the most likely word")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely words (0 = all)")
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=None, help="an integer in [-2**63, 2**64 - 1]")
 
     score = commands.add_parser("score", help="log-probability and perplexity of each line of a file")
     score.add_argument("checkpoint")
     score.add_argument("file", help="text file, or - for standard input")
-    score.add_argument("--batch-size", type=_positive_int, default=32)
+    score.add_argument("--batch-size", type=int, default=32, help="lines scored together (≥ 1)")
     bench = commands.add_parser("bench", help="training/evaluation speed of a config vs a naive reference")
     bench.add_argument("config")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -196,22 +212,25 @@ def _train(args, world) -> int:
             config = load_config(args.config, args.overrides)
         else:
             source = load_checkpoint(resume) if resume != run_dir else load_latest_good(run_dir)[0]
-            saved = source.config.to_dict()
-            for text in args.overrides:
-                config_from_dict(apply_overrides(saved, [text]), f"--set {text!r}")
+            saved = source.config.to_dict()  # apply_overrides blames a bad value on its --set
             config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source.path}")
     else:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.out) if args.out else Path("runs") / config.name
     device = resolve_device(config.train.device)
     init_world(world, torch.device("cuda", world.local_rank) if device.type == "cuda" else device)
-    trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
     try:
+        trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
         report = trainer.fit()
     except Interrupted as stop:
         if world.main:
             print(f"tiedlm: {stop}; continue with: tiedlm train --resume {run_dir}", file=sys.stderr)
         return stop.exit_code
+    except DiskFull as exc:
+        from tiedlm.checkpoint import run_checkpoints
+
+        then = f"continue with: tiedlm train --resume {run_dir}" if run_checkpoints(run_dir) else "start it again"
+        raise DiskFull(f"{exc}; free some space, then {then}") from None
     if not world.main:
         return 0
     print(json.dumps(report))
@@ -234,7 +253,10 @@ def _cmd_eval(args) -> None:
     config = checkpoint.config
     precision, _ = resolve_precision(args.precision or config.train.precision, _device())
     warn_if_emulated(precision, _device(), "--precision")
-    result = evaluate(checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision)
+    result = evaluate(
+        checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision,
+        where=corpus.describe(args.split), option="--batch-size" if args.batch_size else "data.eval_batch_size",
+    )  # fmt: skip
     record = {
         "checkpoint": str(checkpoint.path),
         "corpus": corpus.name,
@@ -256,9 +278,10 @@ def _cmd_generate(args) -> None:
     from tiedlm.generate import format_words, generate
 
     checkpoint = load_checkpoint(args.checkpoint, _device())
-    words, unknown = generate(
-        checkpoint.model, checkpoint.vocab, args.prompt, args.words, args.temperature, args.top_k, args.seed
-    )
+    with _as_options(words="--words", temperature="--temperature", top_k="--top-k", seed="--seed", prompt="--prompt"):
+        words, unknown = generate(
+            checkpoint.model, checkpoint.vocab, args.prompt, args.words, args.temperature, args.top_k, args.seed
+        )
     if unknown:
         print(f"tiedlm: warning: --prompt: not in the vocabulary, read as <unk>: {' '.join(unknown)}", file=sys.stderr)
     print(format_words(args.prompt.split() + words))
@@ -296,7 +319,8 @@ def _cmd_score(args) -> None:
     checkpoint = load_checkpoint(args.checkpoint, _device())
     lines = _read_lines(args.file)
     where = "standard input" if args.file == "-" else args.file
-    scores = score_lines(checkpoint.model, checkpoint.vocab, lines, args.batch_size, where)
+    with _as_options(batch_size="--batch-size"):
+        scores = score_lines(checkpoint.model, checkpoint.vocab, lines, args.batch_size, where)
     print("# line\tlogprob_nats\ttokens\tperplexity")
     for number, score in enumerate(scores, 1):
         print(f"{number}\t{score.logprob:.4f}\t{score.tokens}\t{score.perplexity:.2f}")

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tiedlm import validate
 from tiedlm.errors import TiedlmError
+from tiedlm.validate import INT64_MAX, SEED_MAX, SEED_MIN
 
 try:
     import tomllib
@@ -30,8 +32,10 @@ def _choice(*values: str) -> dict:
     return {"choices": values}
 
 
-def _range(low: float | None = None, high: float | None = None, *, high_open: bool = False) -> dict:
-    return {"low": low, "high": high, "high_open": high_open}
+def _range(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> dict:
+    return {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
 
 
 @dataclass
@@ -74,7 +78,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     augmented: bool = False
-    tau: float = field(default=20.0, metadata=_range(0.0))
+    tau: float = field(default=20.0, metadata=_range(0.0, low_open=True))  # the KL divides by τ
     gamma: float = field(default=0.5, metadata=_range(0.0))
     detach_target: bool = False  # results/ablations.md: a trainable target did better
 
@@ -121,7 +125,7 @@ class PaperConfig:
 @dataclass
 class Config:
     name: str = "run"
-    seed: int = 1
+    seed: int = field(default=1, metadata=_range(SEED_MIN, SEED_MAX))  # what torch.manual_seed accepts
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -157,7 +161,10 @@ def _coerce(where: str, key: str, value: Any, kind: Any, meta: typing.Mapping) -
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer beyond the float range
+            ok = False
         ok = ok and math.isfinite(value)
     else:
         ok = isinstance(value, str)
@@ -166,8 +173,11 @@ def _coerce(where: str, key: str, value: Any, kind: Any, meta: typing.Mapping) -
     if "choices" in meta and value not in meta["choices"]:
         raise TiedlmError(f"{where}: '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}")
     low, high = meta.get("low"), meta.get("high")
-    if low is not None and value < low:
-        raise TiedlmError(f"{where}: '{key}' must be at least {low}, got {value!r}")
+    if kind is int and high is None:  # what torch (int64) can take
+        low, high = (-INT64_MAX - 1 if low is None else low), INT64_MAX
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        bound = "above" if meta.get("low_open") else "at least"
+        raise TiedlmError(f"{where}: '{key}' must be {bound} {low}, got {value!r}")
     if high is not None and (value >= high if meta.get("high_open") else value > high):
         bound = "below" if meta.get("high_open") else "at most"
         raise TiedlmError(f"{where}: '{key}' must be {bound} {high}, got {value!r}")
@@ -176,6 +186,8 @@ def _coerce(where: str, key: str, value: Any, kind: Any, meta: typing.Mapping) -
 
 def config_from_dict(raw: dict[str, Any], where: str) -> Config:
     """Build a checked :class:`Config` from parsed TOML/JSON; ``where`` names the source in errors."""
+    if not isinstance(raw, dict):
+        raise TiedlmError(f"{where}: expected a table of settings, got {type(raw).__name__}")
     sections = _section_classes()
     top_fields = {f.name: f for f in dataclasses.fields(Config) if f.name not in sections}
     known = list(top_fields) + list(sections)
@@ -224,27 +236,38 @@ def _parse_value(text: str, kind: Any) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``--set section.key=value`` applied."""
+    """Return a copy of ``raw`` with each ``--set section.key=value`` applied.
+
+    Each value is checked here, on its own, so that an error names the ``--set`` at fault;
+    an error in the merged config is then the file's (see :func:`load_config`).
+    """
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     sections = _section_classes()
     top = typing.get_type_hints(Config)
+    top_fields = {f.name: f for f in dataclasses.fields(Config)}
     for text in overrides:
+        if not isinstance(text, str):
+            raise TiedlmError(f"--set {text!r}: expected a KEY=VALUE string")
         path, value_text = parse_override(text)
         where = f"--set {text!r}"
         if len(path) == 1 and path[0] in top and path[0] not in sections:
-            merged[path[0]] = _parse_value(value_text, top[path[0]])
+            kind, meta = top[path[0]], top_fields[path[0]].metadata
+            merged[path[0]] = _coerce(where, path[0], _parse_value(value_text, kind), kind, meta)
         elif len(path) == 2 and path[0] in sections:
             hints = typing.get_type_hints(sections[path[0]])
             if path[1] not in hints:
                 raise _unknown(where, ".".join(path), list(hints))
-            merged.setdefault(path[0], {})[path[1]] = _parse_value(value_text, hints[path[1]])
+            meta = {f.name: f for f in dataclasses.fields(sections[path[0]])}[path[1]].metadata
+            value = _coerce(where, ".".join(path), _parse_value(value_text, hints[path[1]]), hints[path[1]], meta)
+            section = merged.get(path[0])
+            merged[path[0]] = (dict(section) if isinstance(section, dict) else {}) | {path[1]: value}
         else:
             raise _unknown(where, ".".join(path), list(top))
     return merged
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = validate.path(path, "config")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -264,9 +287,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a TOML config, apply ``--set`` overrides, and check every key."""
+    """Read a TOML config, apply ``--set`` overrides, and check every key.
+
+    A bad ``--set`` is blamed on that ``--set``; a bad value from the file, on the file.
+    """
+    overrides = validate.strings(overrides, "overrides")
     raw = read_toml(path)
     raw.setdefault("name", Path(path).stem)
-    for text in overrides:  # check each override alone so the error names it
-        config_from_dict(apply_overrides(raw, [text]), f"--set {text!r}")
-    return config_from_dict(apply_overrides(raw, list(overrides)), f"config {path}")
+    return config_from_dict(apply_overrides(raw, overrides), f"config {path}")

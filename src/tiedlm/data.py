@@ -18,7 +18,7 @@ import hashlib
 import lzma
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -110,39 +110,62 @@ def _bundled_checksums() -> dict[str, str]:
 
 def read_bundled(corpus: str, split: str) -> str:
     """Decompress a bundled split and verify its SHA-256 against ``datasets/SHA256SUMS``."""
+    return _read_bundled(corpus, split)[0]
+
+
+def _read_bundled(corpus: str, split: str) -> tuple[str, str]:
     name = f"{corpus}/{split}.txt"
     data = lzma.decompress((resources.files("tiedlm.datasets") / f"{name}.xz").read_bytes())
     expected = _bundled_checksums()[name]
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise TiedlmError(f"bundled corpus {name}: SHA-256 {actual[:12]}… does not match {expected[:12]}…")
-    return _decode(data, f"bundled corpus {name}")
+    return _decode(data, f"bundled corpus {name}"), actual
 
 
 def read_split_file(path: Path) -> str:
+    return _read_split_file(path)[0]
+
+
+def _read_split_file(path: Path) -> tuple[str, str]:
+    """The text of a split file and the SHA-256 of its bytes."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise TiedlmError(f"{path}: no such file (a corpus directory needs train.txt, valid.txt, test.txt)") from None
     except OSError as exc:
         raise TiedlmError(f"{path}: cannot read ({exc.strerror})") from None
-    return _decode(data, str(path))
+    return _decode(data, str(path)), hashlib.sha256(data).hexdigest()
 
 
 @dataclass
 class Corpus:
-    """A corpus as 1-D id tensors, one per split, plus the training vocabulary."""
+    """A corpus as 1-D id tensors, one per split, plus the training vocabulary.
+
+    ``files`` names each split's file (for errors) and ``sha256`` holds the SHA-256 of its
+    bytes, which a run records so that it can check the corpus it resumes on.
+    """
 
     name: str
     vocab: Vocabulary
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
+    files: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def split(self, name: str) -> torch.Tensor:
         if name not in SPLITS:
             raise TiedlmError(f"unknown split {name!r} (expected one of {', '.join(SPLITS)})")
         return getattr(self, name)
+
+    def describe(self, split: str) -> str:
+        """The split and its file, for messages: ``corpus/valid.txt (valid split)``."""
+        return f"{self.files.get(split, self.name)} ({split} split)"
+
+    def check_batchable(self, split: str, batch_size: int, option: str) -> None:
+        """Refuse, before training starts, a split too short for ``batch_size`` streams (see batchify)."""
+        _check_rows(self.split(split).numel(), batch_size, self.describe(split), option)
 
 
 def _encode_split(lines: list[list[str]], vocab: Vocabulary, where: str) -> torch.Tensor:
@@ -168,8 +191,10 @@ def load_corpus(corpus: str, vocab: Vocabulary | None = None) -> Corpus:
     """
     from tiedlm.fetch import SOURCES, cached_corpus, verify_cached
 
+    if not isinstance(corpus, str) or not corpus or "\0" in corpus:
+        raise TiedlmError(f"corpus {corpus!r}: expected a bundled corpus name or a directory")
     if corpus in BUNDLED:
-        texts = {s: read_bundled(corpus, s) for s in SPLITS}
+        read = {s: _read_bundled(corpus, s) for s in SPLITS}
         where = {s: f"{corpus}/{s}.txt" for s in SPLITS}
     else:
         root = Path(corpus)
@@ -182,9 +207,12 @@ def load_corpus(corpus: str, vocab: Vocabulary | None = None) -> Corpus:
         if not root.is_dir():
             known = ", ".join(BUNDLED)
             raise TiedlmError(f"corpus {corpus!r}: not a bundled corpus ({known}) nor a directory")
-        texts = {s: read_split_file(root / f"{s}.txt") for s in SPLITS}
+        read = {s: _read_split_file(root / f"{s}.txt") for s in SPLITS}
         where = {s: str(root / f"{s}.txt") for s in SPLITS}
-    lines = {s: tokenize(texts[s]) for s in SPLITS}
+    lines = {s: tokenize(read[s][0]) for s in SPLITS}
+    for split in SPLITS:  # blank lines alone are only <eos>: nothing to learn or to measure
+        if all(len(line) == 1 for line in lines[split]):
+            raise TiedlmError(f"{where[split]}: has no words (the file is empty but for whitespace)")
     train_vocab = Vocabulary.from_lines(lines["train"])
     if vocab is not None and vocab != train_vocab:
         raise TiedlmError(
@@ -192,7 +220,8 @@ def load_corpus(corpus: str, vocab: Vocabulary | None = None) -> Corpus:
             f"the checkpoint's ({len(vocab)} words)"
         )
     ids = {s: _encode_split(lines[s], train_vocab, where[s]) for s in SPLITS}
-    return Corpus(corpus, train_vocab, ids["train"], ids["valid"], ids["test"])
+    sha256 = {f"{s}.txt": read[s][1] for s in SPLITS}
+    return Corpus(corpus, train_vocab, ids["train"], ids["valid"], ids["test"], where, sha256)
 
 
 # Batching for truncated BPTT.
@@ -214,12 +243,24 @@ def load_corpus(corpus: str, vocab: Vocabulary | None = None) -> Corpus:
 # at most bptt steps.
 
 
-def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N,) token ids → (N // batch_size, batch_size), one contiguous sequence per column."""
+def batchify(
+    ids: torch.Tensor, batch_size: int, where: str = "token stream", option: str = "batch size"
+) -> torch.Tensor:
+    """(N,) token ids → (N // batch_size, batch_size), one contiguous sequence per column.
+
+    ``where`` (the split and its file) and ``option`` (the setting that gave ``batch_size``)
+    name the culprits when the stream is too short for two rows.
+    """
+    _check_rows(ids.numel(), batch_size, where, option)
     rows = ids.numel() // batch_size
-    if rows < 2:
-        raise TiedlmError(f"{ids.numel()} tokens are too few for batch size {batch_size}")
     return ids[: rows * batch_size].view(batch_size, rows).t().contiguous()  # (T, B)
+
+
+def _check_rows(tokens: int, batch_size: int, where: str, option: str) -> None:
+    if tokens // batch_size < 2:  # one row is an input without a target
+        raise TiedlmError(
+            f"{where}: {tokens} tokens are too few for {option} = {batch_size} (at least {2 * batch_size} needed)"
+        )
 
 
 def bptt_windows(source: torch.Tensor, bptt: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -29,17 +29,25 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, bptt: int, precision: str = "fp32"
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    batch_size: int,
+    bptt: int,
+    precision: str = "fp32",
+    *,
+    where: str = "token stream",
+    option: str = "batch size",
 ) -> Evaluation:
     """Perplexity of ``model`` on the token stream ``ids`` (carried state, no dropout).
 
     The stream is batchified like training data, so the last ``len % batch_size``
     tokens are not scored; with batch size 1 every token but the first is.
+    ``where`` and ``option`` name the split and the batch-size setting in errors.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    source = batchify(ids, batch_size).to(device)
+    source = batchify(ids, batch_size, where, option).to(device)
     state = model.init_state(batch_size)
     total, count = 0.0, 0
     for inputs, targets in bptt_windows(source, bptt):

@@ -25,6 +25,7 @@ checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -57,10 +58,11 @@ from tiedlm.checkpoint import (
     run_checkpoints,
     save_checkpoint,
     verify_checkpoint,
+    write_error,
     write_text_atomic,
 )
 from tiedlm.config import Config, TrainConfig
-from tiedlm.data import batchify, bptt_windows, detach_state, load_corpus, num_windows
+from tiedlm.data import BUNDLED, Corpus, batchify, bptt_windows, detach_state, load_corpus, num_windows
 from tiedlm.distributed import World, check_batch
 from tiedlm.errors import TiedlmError
 from tiedlm.evaluate import evaluate, perplexity
@@ -246,12 +248,59 @@ def _restore_rng(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 def _check_resume_config(saved: Config, given: Config) -> None:
     for section in ("data", "model"):
         a, b = getattr(saved, section).__dict__, getattr(given, section).__dict__
-        changed = [k for k in a if a[k] != b[k]]
+        changed = [k for k in a if a[k] != b[k] and (section, k) != ("data", "corpus")]  # see _resume_corpus
         if changed:
             key = f"{section}.{changed[0]}"
             raise TiedlmError(
                 f"--resume: {key} is {b[changed[0]]!r} in the config but {a[changed[0]]!r} in the checkpoint"
             )
+
+
+def corpus_location(corpus: str) -> str:
+    """``data.corpus`` as a run records it: a directory as an absolute path, so that the run can be
+    resumed (and its checkpoints evaluated) from any working directory; a bundled or fetched corpus by name."""
+    if corpus in BUNDLED or not Path(corpus).is_dir():
+        return corpus
+    return os.path.abspath(corpus)
+
+
+def _resume_corpus(checkpoint: Checkpoint, given: str) -> Corpus:
+    """Load the corpus a resumed run continues on, and check that it is the one it started on.
+
+    Checkpoints record the corpus's location and the SHA-256 of its three files: a corpus
+    given elsewhere (``--set data.corpus=NEW`` after a move) is accepted when they match and
+    refused when they do not. Checkpoints of older versions record neither; then only the
+    vocabulary is checked, as it was.
+    """
+    recorded = checkpoint.trainer_state.get("corpus") or {}
+    was = recorded.get("corpus", checkpoint.config.data.corpus)
+    try:
+        corpus = load_corpus(given, vocab=checkpoint.vocab)
+    except TiedlmError as exc:
+        if given != was or given in BUNDLED:
+            raise
+        if not Path(given).is_absolute():  # as earlier versions recorded it
+            raise TiedlmError(
+                f"--resume: the run's corpus {given!r} is relative to the folder the run was started in; "
+                f"resume from there, or give --set data.corpus=DIR ({exc})"
+            ) from None
+        raise TiedlmError(
+            f"--resume: cannot read the run's corpus ({exc}); if it moved, give --set data.corpus=NEW_DIR "
+            "(its SHA-256 must match the recorded ones)"
+        ) from None
+    moved = corpus_location(given) != was
+    digests = recorded.get("sha256") or {}
+    changed = [name for name, digest in digests.items() if corpus.sha256.get(name) != digest]
+    if changed:
+        name = changed[0]
+        raise TiedlmError(
+            f"data.corpus {given!r}: its {name} (SHA-256 {corpus.sha256.get(name, '?')[:12]}…) is not the one the run "
+            f"was trained on ({was}, {digests[name][:12]}…); refusing to resume on other data"
+        )
+    if moved:
+        checked = "SHA-256 of train, valid and test match" if digests else "no checksums recorded: vocabulary checked"
+        _say(f"corpus moved: {was} → {corpus_location(given)} ({checked})")
+    return corpus
 
 
 def _has_metrics(run_dir: Path) -> bool:
@@ -395,10 +444,21 @@ class Trainer:
         if resume is not None:
             checkpoint = self._find_resume_checkpoint(Path(resume))
             _check_resume_config(checkpoint.config, config)
-            self.corpus = load_corpus(config.data.corpus, vocab=checkpoint.vocab)
+            self.corpus = _resume_corpus(checkpoint, config.data.corpus)
             self.model = checkpoint.model
         else:
             self.corpus = load_corpus(config.data.corpus)
+        # Recorded as an absolute path, with its checksums, in config.json and every checkpoint.
+        location = corpus_location(config.data.corpus)
+        config = self.config = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=location))
+        self.corpus_record = {"corpus": location, "sha256": self.corpus.sha256}
+        for split, size, option in (
+            ("train", config.data.batch_size, "data.batch_size"),
+            ("valid", config.data.eval_batch_size, "data.eval_batch_size"),
+            ("test", config.data.eval_batch_size, "data.eval_batch_size"),
+        ):  # before anything is trained, not at the end of the first epoch or of the run
+            self.corpus.check_batchable(split, size, option)
+        if resume is None:
             torch.manual_seed(config.seed)
             self.model = build_model(config.model, len(self.corpus.vocab)).to(self.device)
             if config.train.init_from:
@@ -505,6 +565,7 @@ class Trainer:
             "progress": self.progress.to_dict(),
             "optimizer": optimizer_json,
             "data_position": {"epoch": self.progress.epoch + 1, "window": window},
+            "corpus": self.corpus_record,
         }
         tensors = _rng_tensors(self.model) | optimizer_tensors
         if position is not None and window:
@@ -552,6 +613,7 @@ class Trainer:
             "threads": torch.get_num_threads(),
             **self._precision_info(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "corpus": self.corpus_record,
         }
         if self.init_source is not None:
             info["init_from"] = self.init_source
@@ -595,6 +657,7 @@ class Trainer:
                 **self._precision_info(),
                 "from_epoch": self.progress.epoch + 1,  # this stretch trains from this epoch on
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "corpus": self.config.data.corpus,
             }
         )
         write_text_atomic(path, json.dumps(info, indent=2) + "\n")
@@ -618,10 +681,14 @@ class Trainer:
                     self.tensorboard.add_scalar(key, value, record["epoch"])
             self.tensorboard.flush()
         line = json.dumps(record)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # a line cut short is dropped on resume (_truncate_metrics)
+            raise write_error(path, exc, len(line) + 1) from None
         self.echo(line)
 
     # --- signals -------------------------------------------------------------------------------------------
