@@ -4,6 +4,7 @@ first written against (docs/method.md replaced it)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -28,12 +29,9 @@ INTERNAL_REFERENCE = re.compile(r"\b" + "SP" + r"EC\b")  # spelled apart so this
 
 def _files(suffixes: set[str]) -> list[Path]:
     found = []
-    for path in ROOT.rglob("*"):
-        parts = set(path.relative_to(ROOT).parts)
-        if parts & SKIPPED or any(p.endswith(".egg-info") for p in parts) or not path.is_file():
-            continue
-        if path.suffix in suffixes or path.name == "Makefile":
-            found.append(path)
+    for folder, subfolders, names in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if d not in SKIPPED and not d.endswith(".egg-info")]
+        found += [Path(folder, n) for n in names if Path(n).suffix in suffixes or n == "Makefile"]
     return sorted(found)
 
 
