@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,35 @@ def config_file(tmp_path: Path, corpus_dir: Path) -> Path:
     return write_config(tmp_path / "tiny.toml", corpus_dir)
 
 
+@pytest.fixture(scope="session")
+def trained_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The config ``trained_run`` was trained from (a resume of it must name the same corpus)."""
+    root = tmp_path_factory.mktemp("trained")
+    return write_config(root / "tiny.toml", write_corpus(root / "corpus"))
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_config: Path):
+    """A tiny run, trained once per session and shared by every test that only reads it.
+
+    A test that writes into a run folder (damages it, resumes it, trains into it) takes
+    ``trained_run_copy``; the check after the session catches one that writes here instead.
+    """
+    run = trained_config.parent / "run"
+    assert main(["train", str(trained_config), "--out", str(run)]) == 0
+    written = _contents(run)
+    yield run
+    assert _contents(run) == written, "a test changed the shared trained_run: give it trained_run_copy"
+
+
 @pytest.fixture
-def trained_run(tmp_path: Path, config_file: Path) -> Path:
-    run = tmp_path / "run"
-    assert main(["train", str(config_file), "--out", str(run)]) == 0
-    return run
+def trained_run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A copy of ``trained_run`` of the test's own, for tests that write into it."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 # Tests whose outcome depends on the CPU's kernels (bf16, oneDNN, the hand-written recurrences):

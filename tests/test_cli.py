@@ -150,11 +150,11 @@ def test_not_a_checkpoint_folder(capsys, tmp_path):
     assert_one_line_error(*run_cli(capsys, "eval", tmp_path / "empty")[::2], "not a checkpoint folder")
 
 
-def test_corrupt_weights(capsys, trained_run):
-    (trained_run / "best" / "model.safetensors").unlink()
-    (trained_run / "best" / "model.safetensors").write_bytes(b"garbage")
+def test_corrupt_weights(capsys, trained_run_copy):
+    (trained_run_copy / "best" / "model.safetensors").unlink()
+    (trained_run_copy / "best" / "model.safetensors").write_bytes(b"garbage")
     assert_one_line_error(
-        *run_cli(capsys, "eval", trained_run / "best")[::2], "model.safetensors", "does not match the manifest"
+        *run_cli(capsys, "eval", trained_run_copy / "best")[::2], "model.safetensors", "does not match the manifest"
     )
 
 
@@ -166,18 +166,20 @@ def test_checkpoint_vocabulary_must_match_data(capsys, tmp_path, trained_run):
     assert_one_line_error(code, err, "other", "vocabulary", "does not match")
 
 
-def test_resume_with_changed_model_is_refused(capsys, tmp_path, config_file, trained_run):
-    before = (trained_run / "metrics.jsonl").read_text()
-    code, _, err = run_cli(capsys, "train", config_file, "--resume", trained_run, "--set", "model.hidden_size=16")
+def test_resume_with_changed_model_is_refused(capsys, trained_config, trained_run_copy):
+    run = trained_run_copy
+    before = (run / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, "train", trained_config, "--resume", run, "--set", "model.hidden_size=16")
     assert_one_line_error(code, err, "model.hidden_size")
-    assert (trained_run / "metrics.jsonl").read_text() == before
+    assert (run / "metrics.jsonl").read_text() == before
 
 
-def test_existing_run_is_not_overwritten(capsys, config_file, trained_run):
-    before = (trained_run / "metrics.jsonl").read_text()
-    code, _, err = run_cli(capsys, "train", config_file, "--out", trained_run)
-    assert_one_line_error(code, err, str(trained_run), "already holds a run", "--resume")
-    assert (trained_run / "metrics.jsonl").read_text() == before
+def test_existing_run_is_not_overwritten(capsys, config_file, trained_run_copy):
+    run = trained_run_copy
+    before = (run / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, "train", config_file, "--out", run)
+    assert_one_line_error(code, err, str(run), "already holds a run", "--resume")
+    assert (run / "metrics.jsonl").read_text() == before
 
 
 def test_score_bad_input(capsys, tmp_path, trained_run):

@@ -7,7 +7,7 @@ from tiedlm import data
 from tiedlm.data import EOS, batchify, bptt_windows, load_corpus, num_windows, tokenize
 from tiedlm.errors import TiedlmError
 
-# SPEC §7: tokens with one <eos> per line (blank lines included), vocabulary with <eos>.
+# docs/method.md §9: tokens with one <eos> per line (blank lines included), vocabulary with <eos>.
 EXPECTED = {
     "ptb": ((929_589, 73_760, 82_430), 10_000),
     "wikitext-2": ((2_088_628, 217_646, 245_569), 33_278),

@@ -149,8 +149,8 @@ def test_truncated_checkpoint_is_named_and_resume_falls_back(tmp_path, config_fi
     assert same_weights(final_weights(run), reference)  # the lost epoch is trained again, identically
 
 
-def test_altered_manifest_and_missing_file_are_named(tmp_path, trained_run):
-    best = trained_run / "best"
+def test_altered_manifest_and_missing_file_are_named(trained_run_copy):
+    best = trained_run_copy / "best"
     (best / "vocab.txt").unlink()
     with pytest.raises(TiedlmError, match=r"best/vocab.txt: missing"):
         load_checkpoint(best)
@@ -159,10 +159,10 @@ def test_altered_manifest_and_missing_file_are_named(tmp_path, trained_run):
         load_checkpoint(best)
 
 
-def test_resume_with_every_checkpoint_damaged_is_an_error(capsys, tmp_path, trained_run):
-    for folder in run_checkpoints(trained_run):
+def test_resume_with_every_checkpoint_damaged_is_an_error(capsys, trained_run_copy):
+    for folder in run_checkpoints(trained_run_copy):
         (folder / "model.safetensors").write_bytes(b"")
-    assert main(["train", "--resume", str(trained_run)]) == 2
+    assert main(["train", "--resume", str(trained_run_copy)]) == 2
     assert "no intact checkpoint left" in capsys.readouterr().err
 
 

@@ -80,9 +80,10 @@ def test_a_different_vocabulary_is_refused(tmp_path, trained_run):
     assert code == 2
 
 
-def test_a_damaged_source_is_refused(tmp_path, trained_run, config_file, capsys):
-    weights = trained_run / "best" / "model.safetensors"
+def test_a_damaged_source_is_refused(tmp_path, trained_run_copy, config_file, capsys):
+    weights = trained_run_copy / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
-    code = main(["train", str(config_file), "--out", str(tmp_path / "s2"), "--set", f"train.init_from={trained_run}"])
+    source = f"train.init_from={trained_run_copy}"
+    code = main(["train", str(config_file), "--out", str(tmp_path / "s2"), "--set", source])
     assert code == 2
     assert "SHA-256 does not match" in capsys.readouterr().err

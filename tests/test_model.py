@@ -204,7 +204,7 @@ def test_masked_recurrence_matches_the_lstm_equations():
     mask = (torch.rand(batch, size, generator=generator) > 0.5).double() * 2
     h = c = torch.zeros(batch, size, dtype=torch.float64)
     expected = []
-    for t in range(steps):  # SPEC §1 / PyTorch's LSTM, written out
+    for t in range(steps):  # docs/method.md §1 / PyTorch's LSTM, written out
         i, f, g, o = (gates_x[t] + (h * mask) @ weight.t()).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -1,5 +1,6 @@
 """Packaging: the wheel carries the corpora and configs; `python -m tiedlm` and `--version`; ruff clean."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,11 +35,25 @@ def test_python_dash_m_and_version():
     assert done.returncode == 2 and done.stderr.startswith("tiedlm: error:")
 
 
+def lint_folders() -> list[str]:
+    """The folders `make lint` checks (the Makefile's LINT)."""
+    [line] = re.findall(r"^LINT := (.+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    return line.split()
+
+
+def test_make_lint_covers_every_python_folder():
+    folders = [
+        d for d in ROOT.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in ("build", "dist")
+    ]
+    with_python = {d.name for d in folders if next(d.rglob("*.py"), None) is not None}
+    assert {"src", "tests", "scripts", "benchmarks"} <= with_python <= set(lint_folders()), with_python
+
+
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
                     reason="ruff is a dev dependency")  # fmt: skip
 def test_ruff_clean():
     ruff = str(Path(sys.executable).parent / "ruff") if (Path(sys.executable).parent / "ruff").exists() else "ruff"
-    folders = [str(ROOT / f) for f in ("src", "tests", "scripts", "benchmarks")]
+    folders = [str(ROOT / f) for f in lint_folders()]
     check = subprocess.run([ruff, "check", *folders], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout[-3000:]
     formatted = subprocess.run([ruff, "format", "--check", *folders], capture_output=True, text=True, timeout=120)

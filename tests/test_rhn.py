@@ -21,7 +21,7 @@ def rhn_config(**changes) -> ModelConfig:
 
 
 def reference_window(model: RHNLanguageModel, tokens, s, masks=None):
-    """The model written out micro-step by micro-step, straight from SPEC §4."""
+    """The model written out micro-step by micro-step, straight from docs/method.md §5."""
     n = model.config.hidden_size
     w_h, w_t = model.input_weight[:n], model.input_weight[n:]
     x = model.embedding(tokens)

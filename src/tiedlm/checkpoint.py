@@ -1,21 +1,12 @@
 """Checkpoint folders: the one way a model leaves and re-enters the program.
 
-    CKPT/
-      config.json                  the full resolved Config
-      vocab.txt                    one word per line, line i = id i
-      model.safetensors            weights (tied tensors stored once)
-      trainer_state.json           epoch, position, schedule, counters       (training checkpoints only)
-      trainer_state.safetensors    RNG states, LSTM state, optimizer tensors (training checkpoints only)
-      manifest.json                SHA-256 of every file above, checked on load
-
-A training run keeps its last two checkpoints in ``RUN/checkpoints/``, named by
-position: ``epoch-0003`` after epoch 3, ``epoch-0003+000120`` after epoch 3
-and 120 windows of epoch 4 (written when training is interrupted). ``RUN/best/``
-holds the best epoch by validation perplexity. Folders are written under a
-temporary name and renamed into place, and removed by first renaming them
-away, so no reader, and no crash, can leave a half-written checkpoint under
-a real name. A write that fails (a full disk, say) removes its temporary folder and
-leaves whatever was there before as it was.
+A checkpoint is a folder of config, vocabulary, weights and (for training
+checkpoints) trainer state, sealed by a SHA-256 manifest that every load
+checks; docs/checkpoints.md lays out its files and the run folder around it.
+Folders are written under a temporary name and renamed into place, and removed
+by first renaming them away, so no reader, and no crash, can leave a
+half-written checkpoint under a real name. A write that fails (a full disk, say) removes its
+temporary folder and leaves whatever was there before as it was.
 """
 
 from __future__ import annotations

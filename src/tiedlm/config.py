@@ -49,16 +49,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     architecture: str = field(default="lstm", metadata=_choice("lstm", "rhn", "transformer"))
-    hidden_size: int = field(default=200, metadata=_range(1))  # = embedding size (SPEC §4)
+    hidden_size: int = field(default=200, metadata=_range(1))  # = embedding size (docs/method.md §2)
     num_layers: int = field(default=2, metadata=_range(1))
     dropout: float = field(default=0.3, metadata=_range(0.0, 1.0, high_open=True))  # drop probability
     dropout_mode: str = field(default="exact", metadata=_choice("exact", "fast"))
     tie_weights: bool = True
-    # The decoder's bias: "auto" = a bias only when untied (SPEC §1: the tied decoder has none);
+    # The decoder's bias: "auto" = a bias only when untied (the paper's pairing, docs/method.md §2);
     # "on" / "off" force it either way (an ablation of what the missing bias costs a tied model).
     output_bias: str = field(default="auto", metadata=_choice("auto", "on", "off"))
     init_range: float = field(default=0.1, metadata=_range(0.0))
-    # RHN only (Zilly et al.; SPEC §4): recurrence depth, the four drop probabilities
+    # RHN only (Zilly et al.; docs/method.md §5): recurrence depth, the four drop probabilities
     # (x: whole words, i: input, h: recurrent, o: output) and the transform-gate bias at start.
     depth: int = field(default=10, metadata=_range(1))
     embedding_dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, high_open=True))

@@ -1,4 +1,4 @@
-"""Variational (locked) dropout masks for the VD-LSTM (Gal & Ghahramani 2016; SPEC §3).
+"""Variational (locked) dropout masks for the VD-LSTM (Gal & Ghahramani 2016; docs/method.md §4).
 
 A mask is drawn once per window and reused at every time step. ``exact`` mode
 draws one mask per sequence (shape (B, F)); ``fast`` mode draws one mask for

@@ -1,4 +1,4 @@
-"""Cross-entropy and the augmented loss (Inan et al. 2017, §3; SPEC §2).
+"""Cross-entropy and the augmented loss (Inan et al. 2017, §3; docs/method.md §3).
 
 For a token with target word y* and model logits z = W·h (bias-free):
 
@@ -318,7 +318,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tenso
 
 
 class AugmentedLoss(nn.Module):
-    """J_tot = CE(z + b) + γ·τ·KL(ỹ ‖ ŷ) per token (SPEC §2).
+    """J_tot = CE(z + b) + γ·τ·KL(ỹ ‖ ŷ) per token (docs/method.md §3).
 
     Call as ``loss_fn(logits, targets, embedding, bias=None)`` with bias-free
     logits (N, |V|); returns (N,). Reduce it like cross-entropy. With ``compiled``

@@ -1,20 +1,13 @@
-"""The training loop (SPEC §4): SGD, the lr schedule, global-norm clipping,
+"""The training loop (docs/method.md §6): SGD, the lr schedule, global-norm clipping,
 early stopping on validation perplexity, and a checkpoint every epoch.
 
 The objective of one window is the per-token loss summed over time and
 averaged over the batch, Σ_t Σ_b J_tb / B, which is what lr = 1 assumes
 (Zaremba et al.); J is cross-entropy, plus γ·τ·KL with the augmented loss.
+The run folder it writes (metrics, checkpoints/, best/, final.json) is laid
+out in docs/checkpoints.md.
 
-    RUN/
-      .lock                one training process at a time per folder
-      run.json             command, commit, torch version, device, start time (and every resume)
-      config.json          the resolved config
-      metrics.jsonl        one JSON object per epoch
-      checkpoints/         the last two checkpoints (resume from here)
-      best/                the best epoch by validation perplexity
-      final.json           valid/test perplexity of best/ when training ends
-
-Faults (see README "Interruptions and faults"): SIGINT/SIGTERM finish the
+Faults (docs/faults.md): SIGINT/SIGTERM finish the
 current window, write a checkpoint and exit 130/143 (a second signal exits at
 once); a step whose loss or gradient is not finite is skipped, and after
 ``train.nonfinite_patience`` of them in a row the last good checkpoint is
@@ -373,7 +366,7 @@ class TrainingStep:
         return ce, kl, state
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state, stop: bool = False) -> StepResult:
-        # The record_function ranges name the phases in a torch.profiler trace (benchmarks/profile.py).
+        # The record_function ranges name the phases in a torch.profiler trace (benchmarks/profile_step.py).
         with record_function(PHASES[0]):
             ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
             objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()

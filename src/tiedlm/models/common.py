@@ -7,7 +7,7 @@ from torch import nn
 
 def output_layer(embedding: nn.Embedding, tie: bool, bias: bool) -> nn.Linear:
     """The decoder: with ``tie`` its weight *is* the embedding matrix L; ``bias`` from
-    ``ModelConfig.has_output_bias`` (SPEC §1: a bias only when untied, unless the config says otherwise)."""
+    ``ModelConfig.has_output_bias`` (a bias only when untied, unless the config says otherwise; docs/method.md §2)."""
     vocab_size, size = embedding.weight.shape
     decoder = nn.Linear(size, vocab_size, bias=bias)
     if tie:

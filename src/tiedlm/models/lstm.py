@@ -2,7 +2,7 @@
 
     tokens (T, B) → embedding L (T, B, d) → [LSTM layer]×n → dropout → logits W·h + b (T, B, |V|)
 
-Variational dropout (SPEC §3): mask m_0 on the embedded inputs and one mask
+Variational dropout (docs/method.md §4): mask m_0 on the embedded inputs and one mask
 m_l per layer l, drawn once per window. The dropped output of layer l,
 h_l ⊙ m_l, is both the recurrent input of layer l at the next step and the
 input of layer l+1 (the top layer's goes to the decoder), so one mask per
@@ -18,9 +18,9 @@ each mask across the batch, which lets the recurrent mask be folded into the
 columns of W_hh and the fused LSTM kernel run unchanged. In evaluation both
 modes are the same deterministic network on the fused kernel.
 
-With ``tie_weights`` the decoder weight *is* the embedding matrix and there
-is no output bias (RE); hidden size must then equal embedding size, which it
-always does here (SPEC §4).
+With ``tie_weights`` the decoder weight *is* the embedding matrix (RE), and
+``model.output_bias`` decides whether it has a bias (docs/method.md §2); hidden
+size must then equal embedding size, which it always does here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Variational Recurrent Highway Network language model (Zilly et al. 2017; SPEC §4).
+"""Variational Recurrent Highway Network language model (Zilly et al. 2017; docs/method.md §5).
 
 One recurrent layer of width n and recurrence depth D. Per time step t the
 state s passes through D highway micro-steps l = 1..D:
