@@ -60,15 +60,20 @@ class LSTMLanguageModel(nn.Module):
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
-    def forward(self, tokens: torch.Tensor, state: State, *, include_bias: bool = True) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, State]:
         """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step.
 
         ``include_bias=False`` returns the bias-free W·h that the augmented loss needs.
+        ``masks`` (training only): the window's masks, drawn beforehand with :meth:`sample_masks`
+        (the captured training step draws them outside its CUDA graph); None draws them here.
         """
         x = self.embedding(tokens)  # (T, B, d)
         if self.training and self.config.dropout > 0:
             rows = 1 if self.config.dropout_mode == "fast" else tokens.size(1)
-            masks = self.sample_masks(rows, x.device, x.dtype)
+            if masks is None:
+                masks = self.sample_masks(rows, x.device, x.dtype)
             h = self.run_layers(x, state, masks, fused=self.config.dropout_mode == "fast")
         else:
             h = self.run_layers(x, state, None, fused=True)
