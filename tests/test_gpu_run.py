@@ -44,9 +44,10 @@ def test_dry_run_trains_the_queue_and_returns_collectable_runs(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     check = summary["selfcheck"]
     assert check["captured_ok"] and check["device"] == "cpu"
-    assert [c["name"] for c in check["checks"]] == ["captured fp32 vs eager fp32"]
+    assert [c["name"] for c in check["checks"]] == ["captured fp32 (cell off) vs eager fp32"]  # no Triton cell on a CPU
     assert check["checks"][0]["max_rel_loss_diff"] < 1e-4 and check["checks"][0]["windows"]["buffered"] == 8
     assert check["speed"]["captured"]["tok_s"] > 0 and check["speed"]["eager"]["tok_s"] > 0
+    assert summary["cuda_graph"] == "auto" and summary["cuda_cell"] == "off"
     assert summary["jobs"] == 2 and "concurrency" not in summary  # --jobs given: nothing to measure
     runs = {row["variant"]: row for row in summary["runs"]}
     assert set(runs) == {"re", "real"}

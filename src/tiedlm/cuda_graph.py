@@ -51,6 +51,15 @@ def plan_step(config: Config, device: torch.device, world: World) -> tuple[bool,
 
     ``on`` where the step cannot be captured is a one-line error; ``auto`` then stays eager.
     """
+    captured, why = _plan(config, device, world)
+    if device.type == "cuda" and config.model.architecture == "lstm" and config.model.dropout_mode == "exact":
+        from tiedlm.cuda_cell import status
+
+        why += f"; recurrence: {status('cuda')}"
+    return captured, why
+
+
+def _plan(config: Config, device: torch.device, world: World) -> tuple[bool, str]:
     setting = config.train.cuda_graph
     if setting == "off":
         return False, "eager (train.cuda_graph = off)"

@@ -46,6 +46,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tiedlm import cuda_cell
+
 QUEUE = (
     ("wikitext-2-medium", "re"),
     ("wikitext-2-medium", "real"),
@@ -175,8 +177,11 @@ def _train_windows(model, step, windows) -> list[tuple[float, float]]:
     return losses
 
 
-def correctness_check(device, precision: str, reference_precision: str, tolerance: float) -> dict[str, Any]:
-    """The captured step (static AL) in ``precision`` against the eager step (unique AL) in ``reference_precision``."""
+def correctness_check(
+    device, precision: str, reference_precision: str, tolerance: float, cell: str = "off"
+) -> dict[str, Any]:
+    """The captured step (static AL; the fused cell unless ``cell`` is off) in ``precision`` against the
+    eager step (unique AL, torch-ops recurrence) in ``reference_precision``."""
     import torch
 
     vocab = 97
@@ -188,8 +193,10 @@ def correctness_check(device, precision: str, reference_precision: str, toleranc
         _tiny_config(device, reference_precision, False), vocab, device, reference_precision, captured=False
     )
     model, step = _build(config, vocab, device, precision, captured=True)
-    reference = _train_windows(ref_model, ref_step, windows)
-    got = _train_windows(model, step, windows)
+    with _cell("off"):
+        reference = _train_windows(ref_model, ref_step, windows)
+    with _cell(cell):
+        got = _train_windows(model, step, windows)
     # The KL is a small difference of large sums: its error is measured against the window's CE as well.
     loss_diff = max(
         max(abs(ce - ce_ref), abs(kl - kl_ref)) / max(abs(ce_ref), 1e-12)
@@ -202,7 +209,7 @@ def correctness_check(device, precision: str, reference_precision: str, toleranc
     finite = all(torch.isfinite(p).all().item() for p in model.parameters())
     ok = finite and loss_diff <= tolerance and weight_diff <= tolerance
     return {
-        "name": f"captured {precision} vs eager {reference_precision}",
+        "name": f"captured {precision} (cell {cell}) vs eager {reference_precision}",
         "ok": ok,
         "max_rel_loss_diff": loss_diff,
         "kl_per_token": reference[0][1] / windows[0][1].numel(),
@@ -308,28 +315,39 @@ def selfcheck(args, save=lambda report: None) -> dict[str, Any]:
     if precision != "fp32":
         checks.append((precision, precision, 2e-2))
     report["captured_ok"] = False  # until the checks and the captured speed run are through
+    report["cuda_cell"] = "off"
     save(report)
-    for candidate, reference, tolerance in checks:
-        try:
-            report["checks"].append(correctness_check(device, candidate, reference, tolerance))
-        except Exception as error:  # noqa: BLE001 (report it; the driver falls back to eager)
-            report["checks"].append({"name": f"captured {candidate}", "ok": False, "error": _error_line(error)})
-        save(report)
-    checks_ok = all(check["ok"] for check in report["checks"])
+    # The captured step with the fused Triton cell, else without it; the reference is always the
+    # eager step with the torch-ops recurrence and the unique-target loss.
+    cell_modes = ["auto", "off"] if cuda_cell.status(device.type) == "fused Triton cell" else ["off"]
     speed_config = configs / SPEED_CONFIG
     report["speed"] = speeds = {}
-    for captured in (False, True):
-        if captured and not checks_ok:
+    with _cell("off"):
+        speeds["eager"] = _speed_or_error(speed_config, device, precision, False, args)
+    save(report)
+    for cell in cell_modes:
+        results = []
+        for candidate, reference, tolerance in checks:
+            try:
+                result = correctness_check(device, candidate, reference, tolerance, cell)
+            except Exception as error:  # noqa: BLE001 (report it; the driver falls back)
+                result = {"name": f"captured {candidate}", "ok": False, "error": _error_line(error)}
+            result["cuda_cell"] = cell
+            results.append(result)
+            report["checks"].append(result)
+            save(report)
+        if not all(result["ok"] for result in results):
             continue
-        name = "captured" if captured else "eager"
-        try:
-            speeds[name] = measure_speed(
-                speed_config, device, precision, captured, args.speed_seconds, dry_run=args.dry_run
-            )
-        except Exception as error:  # noqa: BLE001
-            speeds[name] = {"error": _error_line(error)}
+        with _cell(cell):
+            speeds[f"captured, cell {cell}"] = captured = _speed_or_error(speed_config, device, precision, True, args)
         save(report)
-    report["captured_ok"] = checks_ok and "tok_s" in speeds.get("captured", {})
+        if "tok_s" in captured:
+            speeds["captured"] = captured
+            report["captured_ok"], report["cuda_cell"] = True, cell
+            break
+    if report["captured_ok"] and report["cuda_cell"] == "auto":  # what the cell alone gains, for the record
+        with _cell("off"):
+            speeds["captured, cell off"] = _speed_or_error(speed_config, device, precision, True, args)
     save(report)
     try:
         speeds["eval_tok_s"] = measure_eval(
@@ -345,6 +363,27 @@ def selfcheck(args, save=lambda report: None) -> dict[str, Any]:
         report["projected_40_epochs_min"] = 40 * epoch_s / 60
     save(report)
     return report
+
+
+@contextlib.contextmanager
+def _cell(mode: str):
+    """TIEDLM_CUDA_CELL set to ``mode`` inside (tiedlm.cuda_cell reads it at every call)."""
+    previous = os.environ.get("TIEDLM_CUDA_CELL")
+    os.environ["TIEDLM_CUDA_CELL"] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TIEDLM_CUDA_CELL"]
+        else:
+            os.environ["TIEDLM_CUDA_CELL"] = previous
+
+
+def _speed_or_error(config_path: Path, device, precision: str, captured: bool, args) -> dict[str, Any]:
+    try:
+        return measure_speed(config_path, device, precision, captured, args.speed_seconds, dry_run=args.dry_run)
+    except Exception as error:  # noqa: BLE001
+        return {"error": _error_line(error)}
 
 
 def _tf32() -> bool:
@@ -397,7 +436,9 @@ class Driver:
             self.finish()
             return 1
         mode = "auto" if report.get("captured_ok") else "off"
-        self.summary["cuda_graph"] = mode
+        cell = report.get("cuda_cell", "off") if mode == "auto" else "off"
+        os.environ["TIEDLM_CUDA_CELL"] = cell  # for every process from here on: workers and trainers
+        self.summary["cuda_graph"], self.summary["cuda_cell"] = mode, cell
         if mode == "off":
             say(
                 "the captured step failed or disagreed with the eager reference: the queue trains EAGERLY "
@@ -444,13 +485,14 @@ class Driver:
             )
             self.say(f"self-check {check['name']}: {verdict}: {detail}")
         speed = report.get("speed", {})
-        for name in ("eager", "captured"):
-            if "tok_s" in speed.get(name, {}):
-                self.say(
-                    f"speed {name} ({report['precision']}, WikiText-2 medium REAL): {speed[name]['tok_s']:.0f} tok/s"
-                )
-            elif name in speed:
-                self.say(f"speed {name}: {speed[name]}")
+        for name, measured in speed.items():
+            if name == "captured" or not isinstance(measured, dict):
+                continue  # "captured" repeats the one chosen
+            if "tok_s" in measured:
+                rate = f"{measured['tok_s']:.0f} tok/s"
+                self.say(f"speed {name} ({report['precision']}, WikiText-2 medium REAL): {rate}")
+            else:
+                self.say(f"speed {name}: {measured}")
         if "eval_tok_s" in speed:
             self.say(f"speed evaluation: {speed['eval_tok_s']:.0f} tok/s")
         if "projected_wt2_medium_epoch_s" in report:
@@ -460,7 +502,8 @@ class Driver:
             )
         self.say(
             f"self-check: exit {code}, {report['seconds']:.0f} s, device {report.get('device_name', '?')}, "
-            f"torch {report.get('torch', '?')}; captured step {'OK' if report['captured_ok'] else 'NOT used'}"
+            f"torch {report.get('torch', '?')}; captured step {'OK' if report['captured_ok'] else 'NOT used'}, "
+            f"fused cell {report.get('cuda_cell', 'off')}"
         )
         return report
 

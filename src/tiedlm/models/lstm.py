@@ -137,7 +137,12 @@ def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.
     # The recurrence keeps its state and arithmetic in the parameters' dtype (fp32) even under
     # bf16 autocast: the cell state accumulates over every step of the window.
     dtype = lstm.weight_hh_l0.dtype
-    outputs, h, c = MaskedRecurrence.apply(
+    recurrence = MaskedRecurrence
+    if gates_x.is_cuda:  # on a GPU: one fused Triton kernel per step (tiedlm/cuda_cell.py), same mathematics
+        from tiedlm.cuda_cell import recurrence_for
+
+        recurrence = recurrence_for(gates_x) or MaskedRecurrence
+    outputs, h, c = recurrence.apply(
         gates_x.to(dtype), hx[0][0].to(dtype), hx[1][0].to(dtype), lstm.weight_hh_l0, mask.to(dtype)
     )
     return outputs, (h.unsqueeze(0), c.unsqueeze(0))
