@@ -103,6 +103,9 @@ class TrainConfig:
     # torch.compile what wins on a CPU (benchmarks/COMPILE.md): the augmented loss's fused (tokens x |V|) work
     compile: bool = False
     compile_model: bool = False  # also torch.compile the model's forward (slower on PTB small on a CPU)
+    # Replay each training window from a CUDA graph (tiedlm/cuda_graph.py): "auto" = on a CUDA device for
+    # an exact-mask LSTM in one process, else eager; "on" = required (an error where it cannot); "off" = eager.
+    cuda_graph: str = field(default="auto", metadata=_choice("auto", "on", "off"))
     tensorboard: bool = True  # also log every epoch to RUN/tensorboard/ when `tensorboard` is installed
     # Start from the weights of another run's best/ (or of a checkpoint folder); optimizer, schedule,
     # epochs and early stopping start afresh: the paper's second training stage for PTB small.

@@ -324,6 +324,8 @@ class AugmentedLoss(nn.Module):
     logits (N, |V|); returns (N,). Reduce it like cross-entropy. With ``compiled``
     a bias-free batch that fits one block goes through ``tiedlm.fused_loss``
     (torch.compile fuses its (tokens × |V|) passes); the mathematics is the same.
+    With ``static_shapes`` the target side runs over every token instead of the unique
+    targets (``tiedlm.static_loss``: no data-dependent shape, capturable in a CUDA graph).
     """
 
     def __init__(
@@ -334,11 +336,13 @@ class AugmentedLoss(nn.Module):
         max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         *,
         compiled: bool = False,
+        static_shapes: bool = False,
     ):
         super().__init__()
         self.tau, self.gamma, self.detach_target = float(tau), float(gamma), detach_target
         self.max_chunk_elements = max_chunk_elements
         self.compiled = compiled
+        self.static_shapes = static_shapes
 
     def components(
         self, logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor | None = None
@@ -348,6 +352,13 @@ class AugmentedLoss(nn.Module):
         if not torch.is_grad_enabled():
             kl = augmented_kl(logits, targets, embedding, self.tau, max_chunk_elements=self.max_chunk_elements)
             return cross_entropy(logits, targets, bias), kl.float()
+        if self.static_shapes:  # the captured training step (tiedlm.cuda_graph)
+            from tiedlm.static_loss import static_components
+
+            return static_components(
+                logits, targets, embedding, self.tau, bias=bias, detach_target=self.detach_target,
+                max_chunk_elements=self.max_chunk_elements,
+            )  # fmt: skip
         if self.compiled and bias is None and logits.numel() <= self.max_chunk_elements:
             from tiedlm.fused_loss import fused_components
 
@@ -363,4 +374,5 @@ class AugmentedLoss(nn.Module):
         return ce + self.gamma * self.tau * kl
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, gamma={self.gamma}, detach_target={self.detach_target}, compiled={self.compiled}"
+        text = f"tau={self.tau}, gamma={self.gamma}, detach_target={self.detach_target}, compiled={self.compiled}"
+        return text + (", static_shapes=True" if self.static_shapes else "")

@@ -254,7 +254,9 @@ def hardware_text(info: dict[str, Any]) -> str:
 
 
 # Settings that do not change what a run learns (a resumed run may also change them).
-NOT_TRAINING = ("name", "paper.", "train.time_limit_minutes", "train.device", "train.tensorboard")
+NOT_TRAINING = (
+    "name", "paper.", "train.time_limit_minutes", "train.device", "train.tensorboard", "train.cuda_graph",
+)  # fmt: skip
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:

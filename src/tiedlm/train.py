@@ -55,14 +55,16 @@ from tiedlm.checkpoint import (
     write_text_atomic,
 )
 from tiedlm.config import Config, TrainConfig
+from tiedlm.cuda_graph import CapturedStep, plan_step
 from tiedlm.data import BUNDLED, Corpus, batchify, bptt_windows, detach_state, load_corpus, num_windows
 from tiedlm.distributed import World, check_batch
 from tiedlm.errors import TiedlmError
 from tiedlm.evaluate import evaluate, perplexity
-from tiedlm.loss import AugmentedLoss, cross_entropy
+from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS, AugmentedLoss, cross_entropy
 from tiedlm.models import build_model
 from tiedlm.precision import autocast, cpu_features, resolve_precision, warn_if_emulated
 from tiedlm.runtime import git_commit, hardware
+from tiedlm.static_loss import STATIC_CHUNK_ELEMENTS
 
 KEEP_CHECKPOINTS = 2
 MAX_ROLLBACKS = 8
@@ -324,6 +326,11 @@ class TrainingStep:
     The objective is Σ_t Σ_b J_tb / B (summed over time, averaged over the batch). Under data
     parallelism ``forward`` is the DistributedDataParallel wrapper, each rank averages over its
     own B/N streams, and the reported sums are over all ranks.
+
+    A step is :meth:`compute` (forward, loss, backward, clipping: no host synchronisation, the
+    part a CUDA graph captures, see tiedlm/cuda_graph.py) then :meth:`finish` (one sync for the
+    sums, the non-finite check, the update). ``static_shapes`` runs the augmented loss's target
+    side over every token (tiedlm/static_loss.py) instead of the unique targets.
     """
 
     def __init__(
@@ -334,6 +341,7 @@ class TrainingStep:
         world: World | None = None,
         forward: torch.nn.Module | None = None,
         precision: str | None = None,
+        static_shapes: bool = False,
     ):
         self.model, self.optimizer = model, optimizer
         self.world = world or World()
@@ -341,49 +349,69 @@ class TrainingStep:
         if config.train.compile_model:
             self.forward = torch.compile(self.forward)
         loss = config.loss
-        self.augmented = (
-            AugmentedLoss(loss.tau, loss.gamma, loss.detach_target, compiled=config.train.compile)
-            if loss.augmented
-            else None
-        )
+        chunk = STATIC_CHUNK_ELEMENTS if static_shapes else DEFAULT_CHUNK_ELEMENTS
+        self.augmented = None
+        if loss.augmented:
+            compiled = config.train.compile
+            self.augmented = AugmentedLoss(
+                loss.tau, loss.gamma, loss.detach_target, chunk, compiled=compiled, static_shapes=static_shapes
+            )
         self.batch_size = config.data.batch_size // self.world.size
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
         # ``precision`` is the resolved one (fp32 or bf16) where the config says auto.
         self.precision = precision or resolve_precision(config.train.precision, next(model.parameters()).device)[0]
 
-    def window_loss(self, inputs, targets, state):
-        """Per-token cross-entropy (and KL with the augmented loss) of one window."""
+    def window_loss(self, inputs, targets, state, masks=None):
+        """Per-token cross-entropy (and KL with the augmented loss) of one window.
+
+        ``masks``: the window's dropout masks, drawn beforehand (LSTM only); None: the model draws them."""
         model, forward = self.model, self.forward
         flat_targets = targets.flatten()
+        given = {} if masks is None else {"masks": masks}
         with autocast(inputs.device, self.precision):
             if self.augmented is None:
-                logits, state = forward(inputs, state)
+                logits, state = forward(inputs, state, **given)
                 return cross_entropy(logits.flatten(0, 1), flat_targets), None, state
-            logits, state = forward(inputs, state, include_bias=False)  # AL needs the bias-free W·h
+            logits, state = forward(inputs, state, include_bias=False, **given)  # AL needs the bias-free W·h
             ce, kl = self.augmented.components(
                 logits.flatten(0, 1), flat_targets, model.embedding.weight, model.output_bias
             )
         return ce, kl, state
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state, stop: bool = False) -> StepResult:
+    def compute(self, inputs: torch.Tensor, targets: torch.Tensor, state, masks=None):
+        """Forward, loss, backward and clipping of one window into gradients that were None.
+
+        Returns the device tensor [Σ ce, Σ kl, objective, gradient norm] (fp32) and the new state.
+        Nothing here reads a value back to the host (with ``static_shapes`` nothing has a
+        data-dependent shape either), so a CUDA graph can capture it.
+        """
         # The record_function ranges name the phases in a torch.profiler trace (benchmarks/profile_step.py).
         with record_function(PHASES[0]):
-            ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state))
+            ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state), masks)
             objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
         with record_function(PHASES[1]):
-            self.optimizer.zero_grad(set_to_none=True)
             (objective / self.batch_size).backward()  # DDP averages the gradients over the ranks here
         with record_function(PHASES[2]):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             kl_sum = objective.new_zeros(()) if kl is None else kl.sum()
-            flags = objective.new_tensor([float(stop), float(targets.numel())])
-            stats = torch.cat([torch.stack([ce.sum(), kl_sum, objective, grad_norm]).float(), flags.float()])
-            ce_sum, kl_sum, total, norm, stops, tokens = self.world.all_reduce_sum(stats).tolist()  # one sync
+            stats = torch.stack([ce.sum(), kl_sum, objective, grad_norm]).float()
+        return stats, new_state
+
+    def finish(self, stats: torch.Tensor, tokens: int, stop: bool, new_state) -> StepResult:
+        """The sums over all ranks (one sync), the non-finite check and, when finite, the update."""
+        with record_function(PHASES[2]):
+            flags = stats.new_tensor([float(stop), float(tokens)])
+            ce_sum, kl_sum, total, norm, stops, tokens = self.world.all_reduce_sum(torch.cat([stats, flags])).tolist()
         finite = math.isfinite(total) and math.isfinite(norm)  # the same decision on every rank
         if finite:
             with record_function(PHASES[3]):
                 self.optimizer.step()
         return StepResult(ce_sum, kl_sum, int(tokens), new_state, finite, stops > 0)
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state, stop: bool = False) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        stats, new_state = self.compute(inputs, targets, state)
+        return self.finish(stats, targets.numel(), stop, new_state)
 
 
 class Trainer:
@@ -470,7 +498,12 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.step = TrainingStep(self.model, self.optimizer, config, world, self.forward, self.precision)
+        captured, self.step_info = plan_step(config, self.device, world)  # train.cuda_graph
+        self.step = TrainingStep(
+            self.model, self.optimizer, config, world, self.forward, self.precision, static_shapes=captured
+        )
+        if captured:
+            self.step = CapturedStep(self.step, strict=config.train.cuda_graph == "on")
         if resume is not None:
             self._restore(checkpoint)
             if world.main:
@@ -625,8 +658,9 @@ class Trainer:
         return None
 
     def _precision_info(self) -> dict[str, str]:
-        """The precision this stretch of the run trains in, why, and (on a CPU) the features behind it."""
-        info = {"precision": self.precision, "precision_reason": self.precision_reason}
+        """The precision this stretch of the run trains in, why, (on a CPU) the features behind it, and how
+        the training step runs (eager or a CUDA graph, tiedlm/cuda_graph.py)."""
+        info = {"precision": self.precision, "precision_reason": self.precision_reason, "training_step": self.step_info}
         if self.device.type == "cpu":
             info["cpu_features"] = cpu_features().describe()
         return info
@@ -843,6 +877,8 @@ class Trainer:
         }
         if self.step.augmented is not None:
             record["train_kl"] = stats["kl"]
+        if isinstance(self.step, CapturedStep):
+            record["windows"] = self.step.counts()  # replayed from the CUDA graph, buffered, eager (so far)
         self._log_metrics(record)  # before the checkpoint: a resume from epoch-1 drops this line
         self.save_checkpoint(improved=improved)
 

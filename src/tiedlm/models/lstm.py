@@ -60,15 +60,20 @@ class LSTMLanguageModel(nn.Module):
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
-    def forward(self, tokens: torch.Tensor, state: State, *, include_bias: bool = True) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, State]:
         """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step.
 
         ``include_bias=False`` returns the bias-free W·h that the augmented loss needs.
+        ``masks`` (training only): the window's masks, drawn beforehand with :meth:`sample_masks`
+        (the captured training step draws them outside its CUDA graph); None draws them here.
         """
         x = self.embedding(tokens)  # (T, B, d)
         if self.training and self.config.dropout > 0:
             rows = 1 if self.config.dropout_mode == "fast" else tokens.size(1)
-            masks = self.sample_masks(rows, x.device, x.dtype)
+            if masks is None:
+                masks = self.sample_masks(rows, x.device, x.dtype)
             h = self.run_layers(x, state, masks, fused=self.config.dropout_mode == "fast")
         else:
             h = self.run_layers(x, state, None, fused=True)
@@ -132,7 +137,12 @@ def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.
     # The recurrence keeps its state and arithmetic in the parameters' dtype (fp32) even under
     # bf16 autocast: the cell state accumulates over every step of the window.
     dtype = lstm.weight_hh_l0.dtype
-    outputs, h, c = MaskedRecurrence.apply(
+    recurrence = MaskedRecurrence
+    if gates_x.is_cuda:  # on a GPU: one fused Triton kernel per step (tiedlm/cuda_cell.py), same mathematics
+        from tiedlm.cuda_cell import recurrence_for
+
+        recurrence = recurrence_for(gates_x) or MaskedRecurrence
+    outputs, h, c = recurrence.apply(
         gates_x.to(dtype), hx[0][0].to(dtype), hx[1][0].to(dtype), lstm.weight_hh_l0, mask.to(dtype)
     )
     return outputs, (h.unsqueeze(0), c.unsqueeze(0))
