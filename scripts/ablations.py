@@ -59,7 +59,7 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
     ),
     "no-detach-tau20-gamma0.8": ("c", [*NO_DETACH, "loss.gamma=0.8"], "trainable target, tau 20, gamma 0.8"),
     "no-detach-fast": ("d", [*NO_DETACH, "model.dropout_mode=fast"], "trainable target, fast VD masks"),
-    # Round three: the full-length PTB-small runs (results/ptb-small.md) found the tied models
+    # Round three: the full-length PTB-small runs (results/single-stage/ptb-small.md) found the tied models
     # trailing VD from the first epochs on, fitting the training data less well. Does tying itself
     # cost at this budget, and does the tied decoder's missing output bias (docs/method.md §2)?
     "no-detach-untied": ("e", [*NO_DETACH, "model.tie_weights=false"], "untied (AL)"),
@@ -259,7 +259,7 @@ def render(runs: Path, out: Path) -> None:
         "and the same base settings and budget: " + ", ".join(f"`{b}`" for b in BUDGET) + ",",
         "changed as the arm says. The first round ((a), (b)) varied the base; its result, a trainable",
         "AL target, is the configuration the second round ((c), (d)) and the third ((e)) varied. (e)",
-        "asks why the tied models of `results/ptb-small.md` trail VD. This is a short, compressed",
+        "asks why the tied models of `results/single-stage/ptb-small.md` trail VD. This is a short, compressed",
         "schedule and one seed, so the numbers rank the settings (differences of a perplexity point or",
         "two are within what another seed could change); they are not final perplexities. Test",
         "perplexity is of the best-validation checkpoint, evaluation batch 10.",
