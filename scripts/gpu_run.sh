@@ -15,11 +15,12 @@
 #
 #   1. pip install --no-deps --no-build-isolation -e .  (the machine's own PyTorch; no network there),
 #      falling back to PYTHONPATH=src.
-#   2. Self-check (<= 60 s; python -m tiedlm.gpu_run selfcheck): the captured CUDA-graph step against
-#      the eager fp32 step on a tiny config (losses and weights must agree), in fp32 and in the run
-#      precision; tok/s of WikiText-2 medium REAL eager and captured, evaluation tok/s, the projected
-#      epoch; then two captured workers at once (does a second run raise the throughput?). If the
-#      captured step fails or disagrees, the queue trains eagerly (train.cuda_graph=off) and says so.
+#   2. Self-check (<= 60 s; python -m tiedlm.gpu_run selfcheck): the captured CUDA-graph step (with the
+#      fused Triton LSTM cell, TIEDLM_CUDA_CELL=on) against the eager fp32 step on a tiny config (losses
+#      and weights must agree), in fp32 and in the run precision; tok/s of WikiText-2 medium REAL eager,
+#      captured, captured without the cell, evaluation tok/s, the projected epoch; then two captured
+#      workers at once (does a second run raise the throughput?). Fallbacks, in order: captured without
+#      the cell (TIEDLM_CUDA_CELL=off), then eager (train.cuda_graph=off); the summary says which ran.
 #   3. The queue, in order, each with train.time_limit_minutes = the minutes left: WikiText-2 medium
 #      RE, REAL; PTB medium REAL, RE, AL, VD; PTB large REAL, RE. Run folders: /tmp/gpu-run/runs/TABLE/VARIANT.
 #   4. $OUT (<= 8 files of <= 16 MiB; rewritten after every run, so a killed command still returns them):

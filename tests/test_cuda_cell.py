@@ -46,11 +46,13 @@ def test_fused_cell_equals_masked_recurrence_in_triton_interpreter():
     assert report["exact_grad_h0_norm"] > 0  # a gradient reached the start state
 
 
-def test_the_fused_cell_is_used_on_cuda_only_and_can_be_turned_off(monkeypatch):
+def test_the_fused_cell_is_used_on_cuda_only_where_turned_on(monkeypatch):
     assert cuda_cell.status("cpu") == "torch ops"
+    monkeypatch.delenv("TIEDLM_CUDA_CELL", raising=False)
+    assert cuda_cell.status("cuda") == "torch ops (TIEDLM_CUDA_CELL=off)"  # opt-in until measured on a GPU
     monkeypatch.setenv("TIEDLM_CUDA_CELL", "off")
     assert cuda_cell.status("cuda") == "torch ops (TIEDLM_CUDA_CELL=off)"
-    monkeypatch.setenv("TIEDLM_CUDA_CELL", "auto")
+    monkeypatch.setenv("TIEDLM_CUDA_CELL", "on")
     expected = "fused Triton cell" if cuda_cell._triton_available() else "torch ops (no Triton)"
     assert cuda_cell.status("cuda") == expected
     import torch

@@ -229,6 +229,18 @@ def test_replayed_step_equals_the_eager_step(detach):
     assert captured.counts() == {"replayed": 5, "buffered": 2, "eager": 1}
 
 
+def test_only_full_windows_are_captured_even_when_a_shorter_one_comes_first():
+    # A run resumed at the last (shorter) window of an epoch: the buffers are still for full windows.
+    config = tiny_config()
+    batches = windows(1, tail=2)[1:] + windows(4)
+    eager_model, eager = build(config, static=True)
+    model, static = build(config, static=True)
+    captured = CapturedStep(static, capture=True, warmup=1, graph_factory=fake_graph_for(model))
+    assert_same_results(train(captured, model, batches), train(eager, eager_model, batches))
+    assert captured.counts() == {"replayed": 3, "buffered": 1, "eager": 1}
+    assert captured.buffers.inputs.shape == (T, B)
+
+
 def test_a_failed_capture_goes_on_eagerly_or_stops_when_required():
     class Failing:
         def __init__(self, stream):

@@ -15,8 +15,10 @@ the equations), in the parameters' dtype (fp32); tanh is computed as 2σ(2x) −
 it to ``MaskedRecurrence`` through Triton's interpreter on a CPU (``TRITON_INTERPRET=1``); the
 GPU self-check of ``scripts/gpu_run.sh`` holds the whole training step to the eager one.
 
-``TIEDLM_CUDA_CELL=off`` (read at each call) keeps the torch-ops recurrence; so does a machine
-without Triton.
+Until it has been measured on a GPU it is opt-in: ``TIEDLM_CUDA_CELL=on`` (read at each call)
+turns it on where Triton is installed; unset or ``off`` keeps the torch-ops recurrence.
+``scripts/gpu_run.sh`` turns it on for its queue only after its self-check has held the captured
+step with the cell to the eager reference.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def status(device_type: str) -> str:
     """Which recurrence the exact-mask LSTM runs on ``device_type``, in words."""
     if device_type != "cuda":
         return "torch ops"
-    if os.environ.get("TIEDLM_CUDA_CELL", "auto").strip().lower() == "off":
-        return "torch ops (TIEDLM_CUDA_CELL=off)"
+    setting = os.environ.get("TIEDLM_CUDA_CELL", "off").strip().lower()
+    if setting != "on":
+        return f"torch ops (TIEDLM_CUDA_CELL={setting})"
     return "fused Triton cell" if _triton_available() else "torch ops (no Triton)"
 
 

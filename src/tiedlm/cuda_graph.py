@@ -194,7 +194,10 @@ class CapturedStep:
         return {"replayed": self.replays, "buffered": self.buffered_steps, "eager": self.eager_steps}
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, state, stop: bool = False):
-        if self.failed is not None or (self.buffers is not None and not self.buffers.fits(inputs, targets, state)):
+        other_shape = inputs.size(0) != self.step.bptt or (
+            self.buffers is not None and not self.buffers.fits(inputs, targets, state)
+        )
+        if self.failed is not None or other_shape:
             self.eager_steps += 1  # another shape (the last window of an epoch), or the capture failed
             return self.step(inputs, targets, state, stop)
         masks = draw_masks(self.model, inputs.size(1))

@@ -10,8 +10,9 @@ In order, inside ``--budget-s`` seconds from the shell script's start (its insta
    graph), in fp32 and in the run precision; the losses and weights must agree. Then the speed of
    WikiText-2 medium REAL (|V| = 33,278, random Zipf tokens): eager and captured training tok/s,
    evaluation tok/s, and the projected seconds per epoch. Then two captured workers at once, to
-   see whether two runs side by side raise the total throughput. A captured step that fails or
-   disagrees makes the queue run eagerly (``train.cuda_graph = off``), and the summary says so.
+   see whether two runs side by side raise the total throughput. The captured step is tried with
+   the fused Triton LSTM cell (``TIEDLM_CUDA_CELL=on``, tiedlm/cuda_cell.py), then without it; if
+   neither passes, the queue runs eagerly (``train.cuda_graph = off``). The summary says which ran.
 2. **The queue**, in order: WikiText-2 medium RE, REAL; PTB medium REAL, RE, AL, VD; PTB large
    REAL, RE; ``--jobs`` at a time (default: 2 where the self-check measured a gain, else 1).
    Each is ``tiedlm train`` into ``WORK/runs/TABLE/VARIANT`` (the layout ``tiedlm reproduce``
@@ -319,7 +320,8 @@ def selfcheck(args, save=lambda report: None) -> dict[str, Any]:
     save(report)
     # The captured step with the fused Triton cell, else without it; the reference is always the
     # eager step with the torch-ops recurrence and the unique-target loss.
-    cell_modes = ["auto", "off"] if cuda_cell.status(device.type) == "fused Triton cell" else ["off"]
+    with _cell("on"):
+        cell_modes = ["on", "off"] if cuda_cell.status(device.type) == "fused Triton cell" else ["off"]
     speed_config = configs / SPEED_CONFIG
     report["speed"] = speeds = {}
     with _cell("off"):
@@ -345,7 +347,7 @@ def selfcheck(args, save=lambda report: None) -> dict[str, Any]:
             speeds["captured"] = captured
             report["captured_ok"], report["cuda_cell"] = True, cell
             break
-    if report["captured_ok"] and report["cuda_cell"] == "auto":  # what the cell alone gains, for the record
+    if report["captured_ok"] and report["cuda_cell"] == "on":  # what the cell alone gains, for the record
         with _cell("off"):
             speeds["captured, cell off"] = _speed_or_error(speed_config, device, precision, True, args)
     save(report)
@@ -914,7 +916,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=os.environ.get("GPU_RUN_WORK", "/tmp/gpu-run"))
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
     parser.add_argument("--configs", default="configs")
-    parser.add_argument("--speed-seconds", "--seconds", dest="speed_seconds", type=float, default=4.0)
+    parser.add_argument("--speed-seconds", "--seconds", dest="speed_seconds", type=float, default=3.0)
     parser.add_argument("--json", help="selfcheck/speed: write the report here")
     parser.add_argument("--ready", help="speed: write this file when warmed up ...")
     parser.add_argument("--go", help="speed: ... and start timing once this file exists")

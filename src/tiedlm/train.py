@@ -357,6 +357,7 @@ class TrainingStep:
                 loss.tau, loss.gamma, loss.detach_target, chunk, compiled=compiled, static_shapes=static_shapes
             )
         self.batch_size = config.data.batch_size // self.world.size
+        self.bptt = config.data.bptt  # a full window's length (the captured step's static shape)
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
         # ``precision`` is the resolved one (fp32 or bf16) where the config says auto.
         self.precision = precision or resolve_precision(config.train.precision, next(model.parameters()).device)[0]

@@ -138,7 +138,7 @@ def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.
     # bf16 autocast: the cell state accumulates over every step of the window.
     dtype = lstm.weight_hh_l0.dtype
     recurrence = MaskedRecurrence
-    if gates_x.is_cuda:  # on a GPU: one fused Triton kernel per step (tiedlm/cuda_cell.py), same mathematics
+    if gates_x.is_cuda:  # TIEDLM_CUDA_CELL=on: one fused Triton kernel per step (tiedlm/cuda_cell.py), same maths
         from tiedlm.cuda_cell import recurrence_for
 
         recurrence = recurrence_for(gates_x) or MaskedRecurrence
