@@ -4,7 +4,7 @@
 needs ``torch.unique``: its output shape depends on the data and it waits for the device, and
 a CUDA graph can capture neither. Here every token t gets its own row ỹ_t = softmax(L[y_t]·Lᵀ/τ).
 The mathematics is the same (a row of ỹ depends only on the target id, so the rows of tokens
-that share a target are equal) and so is every other step of the loss (SPEC §2):
+that share a target are equal) and so is every other step of the loss (docs/method.md §3):
 
     KL_t = Σ_j ỹ_tj (log ỹ_tj − log ŷ_tj)            log ŷ_t = z_t/τ − lse(z_t/τ)
     ∂KL_t/∂z_t = (ŷ_t − ỹ_t)/τ
