@@ -113,6 +113,17 @@ def trained_run_copy(trained_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny problems run faster on one thread, much faster on a busy CPU (the count is put back after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Tests whose outcome depends on the CPU's kernels (bf16, oneDNN, the hand-written recurrences):
 # .ci/run runs them a second time with the CPU capped to AVX2 (`pytest -m kernels`).
 KERNEL_MODULES = {

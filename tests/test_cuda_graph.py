@@ -23,13 +23,7 @@ from tiedlm.train import TrainingStep, make_optimizer
 VOCAB, T, B = 37, 5, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one thread is faster, much faster on a busy CPU (the count is put back after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**changes) -> Config:

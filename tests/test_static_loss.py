@@ -10,13 +10,7 @@ from tiedlm.static_loss import _spans, static_components
 V, D, N, TAU = 13, 5, 29, 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one thread is faster, much faster on a busy CPU (the count is put back after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # aten ops that read a value back to the host or give a data-dependent shape: none may run in a

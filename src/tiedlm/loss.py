@@ -222,45 +222,52 @@ class _AugmentedKL(torch.autograd.Function):
         return grad_logits, grad_embedding, None, None, None, None
 
 
-class _CrossEntropyAndKL(torch.autograd.Function):
-    """Cross-entropy of z + b and KL(ỹ ‖ softmax(z/τ)) per token, with one gradient buffer for z.
+def cross_entropy_and_kl_function(kl_forward, kl_backward) -> type[torch.autograd.Function]:
+    """The autograd function for cross-entropy of z + b and KL(ỹ ‖ softmax(z/τ)) per token.
 
-    The backward writes softmax(z + b) − onehot(y) into a fresh (N, |V|) tensor and adds
-    (ŷ − ỹ)/τ into it block by block, instead of two full-size gradients and their sum.
+    ``kl_forward`` / ``kl_backward`` are the KL's block passes: this module's work over unique
+    targets, or ``tiedlm.static_loss``'s over every token (static shapes, for CUDA graphs). The
+    backward writes softmax(z + b) − onehot(y) into a fresh (N, |V|) tensor and adds (ŷ − ỹ)/τ
+    into it block by block, instead of two full-size gradients and their sum.
     """
 
-    @staticmethod
-    def forward(ctx, logits, bias, embedding, targets, tau, chunk_rows, train_target):
-        dtype = _float(logits)
-        with torch.autocast(logits.device.type, enabled=False):
-            shifted = logits if bias is None else logits + bias.to(dtype)  # bf16 + fp32: fp32, one pass
-            p, ce = _softmax_and_cross_entropy(shifted, targets, dtype)
-            kl, kept = _kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
-        ctx.save_for_backward(logits, embedding, targets, kl, p)
-        ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
-        ctx.has_bias = bias is not None
-        return ce, kl
+    class CrossEntropyAndKL(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, bias, embedding, targets, tau, chunk_rows, train_target):
+            dtype = _float(logits)
+            with torch.autocast(logits.device.type, enabled=False):
+                shifted = logits if bias is None else logits + bias.to(dtype)  # bf16 + fp32: fp32, one pass
+                p, ce = _softmax_and_cross_entropy(shifted, targets, dtype)
+                kl, kept = kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
+            ctx.save_for_backward(logits, embedding, targets, kl, p)
+            ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
+            ctx.has_bias = bias is not None
+            return ce, kl
 
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kl):
-        logits, embedding, targets, kl, p = ctx.saved_tensors
-        kept, ctx.kept = ctx.kept, None
-        dtype = kl.dtype
-        grad_z = grad_bias = grad_emb = None
-        with torch.autocast(logits.device.type, enabled=False):
-            if grad_ce is not None:
-                grad_ce = grad_ce.to(dtype)
-                grad_z = _cross_entropy_grad(p, targets, grad_ce)
-                if ctx.has_bias and ctx.needs_input_grad[1]:
-                    grad_bias = grad_z.sum(0)
-            if grad_kl is not None:
-                grad_z, grad_emb = _kl_backward(
-                    logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
-                    kept, grad_z, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[2],
-                )  # fmt: skip
-        grad_logits = grad_z.to(logits.dtype) if grad_z is not None and ctx.needs_input_grad[0] else None
-        grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
-        return grad_logits, grad_bias, grad_embedding, None, None, None, None
+        @staticmethod
+        def backward(ctx, grad_ce, grad_kl):
+            logits, embedding, targets, kl, p = ctx.saved_tensors
+            kept, ctx.kept = ctx.kept, None
+            dtype = kl.dtype
+            grad_z = grad_bias = grad_emb = None
+            with torch.autocast(logits.device.type, enabled=False):
+                if grad_ce is not None:
+                    grad_z = _cross_entropy_grad(p, targets, grad_ce.to(dtype))
+                    if ctx.has_bias and ctx.needs_input_grad[1]:
+                        grad_bias = grad_z.sum(0)
+                if grad_kl is not None:
+                    grad_z, grad_emb = kl_backward(
+                        logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
+                        kept, grad_z, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[2],
+                    )  # fmt: skip
+            grad_logits = grad_z.to(logits.dtype) if grad_z is not None and ctx.needs_input_grad[0] else None
+            grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
+            return grad_logits, grad_bias, grad_embedding, None, None, None, None
+
+    return CrossEntropyAndKL
+
+
+_CrossEntropyAndKL = cross_entropy_and_kl_function(_kl_forward, _kl_backward)
 
 
 def _check_shapes(logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor) -> None:

@@ -80,41 +80,8 @@ def _kl_backward(logits, emb, targets, kl, g, tau, chunk_rows, kept, grad_z, wan
     return grad_z, grad_emb
 
 
-class _StaticCrossEntropyAndKL(torch.autograd.Function):
-    """Cross-entropy of z + b and KL(ỹ ‖ softmax(z/τ)) per token, one gradient buffer for z (as
-    ``tiedlm.loss._CrossEntropyAndKL``), with the target side over every token."""
-
-    @staticmethod
-    def forward(ctx, logits, bias, embedding, targets, tau, chunk_rows, train_target):
-        dtype = eager._float(logits)
-        with torch.autocast(logits.device.type, enabled=False):
-            shifted = logits if bias is None else logits + bias.to(dtype)
-            p, ce = eager._softmax_and_cross_entropy(shifted, targets, dtype)
-            kl, kept = _kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
-        ctx.save_for_backward(logits, embedding, targets, kl, p)
-        ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
-        ctx.has_bias = bias is not None
-        return ce, kl
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kl):
-        logits, embedding, targets, kl, p = ctx.saved_tensors
-        kept, ctx.kept = ctx.kept, None
-        dtype = kl.dtype
-        grad_z = grad_bias = grad_emb = None
-        with torch.autocast(logits.device.type, enabled=False):
-            if grad_ce is not None:
-                grad_z = eager._cross_entropy_grad(p, targets, grad_ce.to(dtype))
-                if ctx.has_bias and ctx.needs_input_grad[1]:
-                    grad_bias = grad_z.sum(0)
-            if grad_kl is not None:
-                grad_z, grad_emb = _kl_backward(
-                    logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
-                    kept, grad_z, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[2],
-                )  # fmt: skip
-        grad_logits = grad_z.to(logits.dtype) if grad_z is not None and ctx.needs_input_grad[0] else None
-        grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
-        return grad_logits, grad_bias, grad_embedding, None, None, None, None
+# Cross-entropy and KL with the target side over every token: the eager function's passes swapped.
+_StaticCrossEntropyAndKL = eager.cross_entropy_and_kl_function(_kl_forward, _kl_backward)
 
 
 def static_components(
