@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiedlm.cli import main
+
+
+def _inductor_cache_for_this_isa() -> None:
+    """Give torch.compile's on-disk cache one folder per CPU capability.
+
+    Inductor's cache does not key on ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA: kernels cached by an
+    uncapped run and reused under the AVX2 cap of `.ci/run` return wrong numbers, then crash.
+    Subprocesses inherit the variable, so the CLI tests use the same folder.
+    """
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    isa = "-".join(
+        [torch.backends.cpu.get_cpu_capability().lower()]
+        + [os.environ[k].lower() for k in ("ONEDNN_MAX_CPU_ISA", "TIEDLM_CPU_ISA") if os.environ.get(k)]
+    )
+    folder = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}" / f"tiedlm-tests-{isa}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
+_inductor_cache_for_this_isa()
 
 TINY_CONFIG = """
 name = "tiny"
