@@ -17,8 +17,8 @@ FLOPs count the matrix products only (they dominate): per token, forward
 2·(4H)(2H) per LSTM layer (RHN: 2·(2H)·H for the input and for each of the D
 micro-steps) + 2H|V| for the decoder, backward = 2 × forward for the
 recurrence and decoder; with the augmented loss + 2H|V| per unique target for
-ỹ (again in the backward pass when the window's (tokens × |V|) exceeds one
-loss block and is recomputed) and 2 × that for the gradient into L through ỹ.
+ỹ (again in the backward pass when the window's distinct targets exceed one
+loss block, so ỹ is recomputed rather than kept) and 2 × that for the gradient into L through ỹ.
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: f
     if config.loss.augmented:
         target_side = unique_fraction * 2 * h * v
         total += target_side
-        if config.data.batch_size * config.data.bptt * v > DEFAULT_CHUNK_ELEMENTS:
-            total += target_side  # blocks are recomputed in the backward pass instead of kept
+        unique_targets = unique_fraction * config.data.batch_size * config.data.bptt
+        if unique_targets > DEFAULT_CHUNK_ELEMENTS // v:  # several unit blocks: ỹ recomputed, not kept
+            total += target_side
         if not config.loss.detach_target:
             total += 2 * target_side  # gradient into L through ỹ
     return total
