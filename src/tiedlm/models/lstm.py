@@ -255,6 +255,9 @@ class MaskedLSTMLayer(torch.autograd.Function):
             dh = grad_h.clone() if grad_h is not None else c0.new_zeros(c0.shape)
             dc = grad_c.clone() if grad_c is not None else c0.new_zeros(c0.shape)
             recurrent = _step_product(w_hh.t(), batch)  # d ↦ d·W_hh
+            # The state carried in from the previous window is detached in training: then the
+            # first step's products into h0 and c0 are skipped.
+            want_state = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
             for t in range(steps - 1, -1, -1):
                 if grad_outputs is not None:
                     dh += grad_outputs[t]
@@ -262,8 +265,9 @@ class MaskedLSTMLayer(torch.autograd.Function):
                 d = d_gates[t]
                 torch.mul(dc.unsqueeze(1), factors[t], out=d.view(batch, 4, size)[:, :3])
                 torch.mul(dh, out_factor[t], out=d[:, 3 * size :])
-                dc.mul_(f[t])
-                dh = torch.mul(recurrent(d.to(product)), mask)
+                if t or want_state:
+                    dc.mul_(f[t])
+                    dh = torch.mul(recurrent(d.to(product)), mask)
             flat = d_gates.flatten(0, 1).to(product)
             grad_x = grad_w_ih = grad_w_hh = grad_b = None
             if ctx.needs_input_grad[0]:
@@ -274,4 +278,6 @@ class MaskedLSTMLayer(torch.autograd.Function):
                 grad_w_hh = weight_grad(flat, dropped.flatten(0, 1)).to(dtype)
             if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
                 grad_b = d_gates.sum((0, 1))
+        if not want_state:
+            dh = dc = None
         return grad_x, dh, dc, grad_w_ih, grad_w_hh, grad_b, None if grad_b is None else grad_b.clone(), None, None
