@@ -44,9 +44,10 @@ def render(result: dict) -> str:
         "Each row is one process: tiedlm's training step and the naive reference on the same batches,",
         f"alternating every {rows[0]['timed_windows'] // result['rounds']} windows for {result['rounds']} rounds "
         "(median per window). *CPU* rates divide by the process's CPU time, *wall* rates by the wall",
-        "clock. This machine was shared with other processes while it was measured (load average",
-        "column), so the wall clock also counts their time; with one thread the CPU-time rate is the",
-        "fair one, and the ratio, measured side by side, is what the goal is about.",
+        "clock. The machine is a shared 2-core VM: the load-average column (1-minute, when the case",
+        "started) says how busy it was, near 1 meaning this process alone; under load the wall clock also",
+        "counts other processes' time, and with one thread the CPU-time rate is the fair one. The ratio,",
+        "measured side by side, is what the goal is about.",
         "",
         "| config | source | threads | tiedlm tok/s (CPU) | naive tok/s (CPU) | ratio (CPU) | tiedlm tok/s (wall) "
         "| naive tok/s (wall) | ratio (wall) | load avg |",

@@ -47,12 +47,12 @@ def render(result: dict) -> str:
         f"(batch 10). An epoch = {rows[0]['train_tokens']:,} training tokens + the {rows[0]['valid_tokens']:,}-token "
         "validation pass.",
         "",
-        "**Measured beside other processes** (two `nice -n 10` training runs on both cores, and others: load",
-        "average column). *CPU* rates divide by this process's CPU time: with one thread that is what one",
-        "core does for this work while the cores are shared (caches and memory bandwidth are still",
-        "shared); *wall* rates include the time the scheduler gave to the other processes. With two",
-        "threads the wall clock is dominated by waiting for a preempted thread, so 2-thread rows here",
-        "do not show what two free cores do.",
+        "**Conditions.** A shared 2-core VM: the load-average column (1-minute, when the case started) says",
+        "how busy it was; near 1 means this process alone. *CPU* rates divide by this process's CPU time:",
+        "with one thread that is what one core does for this work even while other processes share the",
+        "cores (caches and memory bandwidth stay shared); *wall* rates include the time the scheduler gave",
+        "to other processes. With two threads under load the wall clock is dominated by waiting for a",
+        "preempted thread, so 2-thread rows only mean what two free cores do when the load is low.",
         "",
         "| machine | precision | source | threads | train tok/s (CPU) | train tok/s (wall) | eval tok/s (CPU) "
         "| s/epoch (CPU) | h / 40 epochs (CPU) | h / 40 epochs (wall) | naive ref tok/s (CPU) | ratio (CPU) "
@@ -69,6 +69,20 @@ def render(result: dict) -> str:
             f"| {cpu_epoch:,.0f} | {40 * cpu_epoch / 3600:.1f} | {40 * wall_epoch / 3600:.1f} | {naive} | {ratio} "
             f"| {r['load_average'][0]:.1f} |"
         )
+    lines += [
+        "",
+        "Matrix-product bound: the FLOPs of a training token (`tiedlm.bench.training_flops_per_token`) at the",
+        "matmul peak measured in the same process give the most tokens/s the products alone allow:",
+        "",
+    ]
+    for r in rows:
+        if r["source_label"] == "this commit":
+            ceiling = r["matmul_peak_gflops_wall"] / r["gflop_per_token"]
+            lines.append(
+                f"- {r['machine']}, {r['threads']} thread(s): {r['gflop_per_token'] * 1000:.0f} MFLOP/token at "
+                f"{r['matmul_peak_gflops_wall']:,.0f} GFLOP/s ({r['precision']}, wall clock) is at most {ceiling:,.0f} "
+                f"tok/s; measured {r['tiedlm_tok_s_wall']:,.0f} ({r['tiedlm_tok_s_wall'] / ceiling:.0%} of it)"
+            )
     lines += ["", "CPU features as tiedlm saw them in each case:", ""]
     for r in rows:
         lines.append(f"- {r['machine']}, {r['threads']} thread(s): `{r['cpu_features']}`; matmul peak "
