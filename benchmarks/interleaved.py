@@ -39,14 +39,14 @@ def _load() -> float:
 
 
 def _peak_by_cpu_time(dtype: torch.dtype, size: int = 2048, repeats: int = 6) -> float:
-    """GFLOP/s of a size² product per second of this process's CPU time (best of ``repeats``)."""
+    """GFLOP of a size² product per second of this process's CPU time (all threads' seconds summed)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     best = float("inf")
     for _ in range(repeats):
         cpu = time.process_time()
         torch.mm(a, b)
         best = min(best, time.process_time() - cpu)
-    return 2 * size**3 / best / 1e9 / torch.get_num_threads()
+    return 2 * size**3 / best / 1e9
 
 
 def measure(config_path: str, overrides: list[str], threads: int, windows: int, rounds: int,
@@ -111,7 +111,7 @@ def measure(config_path: str, overrides: list[str], threads: int, windows: int, 
         result["eval_tokens"] = evaluation.tokens
     dtype = torch.bfloat16 if work.step.precision == "bf16" else torch.float32
     result["matmul_peak_gflops_wall"] = matmul_peak_gflops(dtype, work.device)
-    result["matmul_peak_gflops_cpu"] = _peak_by_cpu_time(dtype) * threads  # per-thread CPU rate x threads
+    result["matmul_peak_gflops_cpu"] = _peak_by_cpu_time(dtype)  # GFLOP per CPU-second
     result["train_tokens"] = work.corpus.train.numel()
     result["valid_tokens"] = work.corpus.valid.numel()
     return result
