@@ -20,6 +20,8 @@ def test_bench_json_has_the_documented_fields(capsys, config_file):
         "device",
         "speedup_over_reference",
         "fraction_of_peak",
+        "cpu_features",
+        "bf16",
     ):
         assert key in report, key
     assert report["train_tokens_per_s"] > 0 and report["reference_train_tokens_per_s"] > 0
@@ -87,3 +89,41 @@ def test_bench_runs_the_rhn_against_its_naive_loop(tmp_path, corpus_dir, capsys)
     h, v = model.hidden_size, report["vocab_size"]
     flops = 3 * (2 * 2 * h * h * (1 + model.depth) + 2 * h * v)  # + the AL target side, which depends on the batch
     assert report["train_gflop_per_token"] * 1e9 >= flops
+
+
+def test_bf16_peak_is_timed_briefly_where_bf16_is_emulated(monkeypatch):
+    # An AVX2-only CPU emulates bf16 ~50x slower than fp32: the bench must not sit for minutes on
+    # a 2048² bf16 product there. It times a small one within a fixed budget instead.
+    from tiedlm import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "matmul_peak_gflops", lambda dtype, device, **kw: calls.append((dtype, kw)) or 1.0)
+    for native in (True, False):
+        calls.clear()
+        monkeypatch.setattr(bench, "bf16_native", lambda device, native=native: (native, "test"))
+        peaks, kind = bench.matmul_peaks(torch.device("cpu"))
+        assert kind == ("native" if native else "emulated") and set(peaks) == {"fp32", "bf16"}
+        budgets = {dtype: kw.get("budget_s") for dtype, kw in calls}
+        assert budgets[torch.float32] is None
+        assert budgets[torch.bfloat16] == (None if native else bench.EMULATED_BF16_BUDGET_S)
+
+
+def test_a_peak_with_a_budget_shrinks_its_product(monkeypatch):
+    from tiedlm import bench
+
+    sizes, original = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: sizes.append(shape) or original(*shape, **kw))
+    assert bench.matmul_peak_gflops(torch.float32, torch.device("cpu"), budget_s=1e-6) > 0
+    assert max(shape[0] for shape in sizes) == 256  # the smallest product, however fast the machine
+
+
+def test_report_names_the_cpu_features_and_emulated_bf16():
+    from tiedlm.bench import format_report
+
+    report = {"config": "c", "device": "cpu", "cpu_features": "AVX2, no avx512_bf16/amx (bf16 emulated)",
+              "bf16": "emulated", "threads": 2, "precision": "fp32", "dropout_mode": "exact", "augmented": False,
+              "train_tokens_per_s": 1.0, "achieved_gflops": 1.0, "fraction_of_peak": 0.5,
+              "matmul_peak_gflops": {"fp32": 2.0, "bf16": 0.1}, "eval_tokens_per_s": 1.0, "eval_batch_size": 10,
+              "peak_memory_mb": 1.0}  # fmt: skip
+    text = format_report(report)
+    assert "AVX2, no avx512_bf16/amx" in text and "bf16: emulated" in text

@@ -1,4 +1,4 @@
-"""The fused Triton LSTM cell (tiedlm.cuda_cell) equals MaskedRecurrence, run through Triton's CPU interpreter."""
+"""The fused Triton LSTM cell (tiedlm.cuda_cell) equals the LSTM equations, run through Triton's CPU interpreter."""
 
 import importlib.util
 import json
@@ -13,7 +13,18 @@ from tiedlm import cuda_cell
 CHECK = r"""
 import json, torch
 from tiedlm.cuda_cell import FusedMaskedRecurrence
-from tiedlm.models.lstm import MaskedRecurrence
+
+
+class Written:  # docs/method.md §1 step by step; autograd differentiates it
+    @staticmethod
+    def apply(gates_x, h, c, weight, mask):
+        outputs = []
+        for t in range(gates_x.size(0)):
+            i, f, g, o = (gates_x[t] + (h * mask) @ weight.t()).chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs), h, c
 
 torch.manual_seed(0)
 report = {}
@@ -25,7 +36,7 @@ for name, (steps, batch, size, mask_rows) in {"exact": (5, 3, 150, 3), "fast": (
     upstream = [torch.randn(steps, batch, size, dtype=torch.float64), torch.randn(batch, size, dtype=torch.float64),
                 torch.randn(batch, size, dtype=torch.float64)]
     results = []
-    for function in (MaskedRecurrence, FusedMaskedRecurrence):
+    for function in (Written, FusedMaskedRecurrence):
         inputs = [t.clone().requires_grad_() for t in (gates_x, h0, c0, weight)]
         outs = function.apply(*inputs, mask)
         grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outs, upstream)), inputs)
@@ -37,7 +48,7 @@ print(json.dumps(report))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (it is on the GPU)")
-def test_fused_cell_equals_masked_recurrence_in_triton_interpreter():
+def test_fused_cell_equals_the_lstm_equations_in_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,4 +68,4 @@ def test_the_fused_cell_is_used_on_cuda_only_where_turned_on(monkeypatch):
     assert cuda_cell.status("cuda") == expected
     import torch
 
-    assert cuda_cell.recurrence_for(torch.zeros(1)) is None  # a CPU tensor keeps MaskedRecurrence
+    assert cuda_cell.recurrence_for(torch.zeros(1)) is None  # a CPU tensor keeps MaskedLSTMLayer

@@ -29,7 +29,7 @@ def brute_force_kl(logits, targets, embedding, tau):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("chunk", [1 << 24, 3 * V, V])  # one block, several, one token per block
+@pytest.mark.parametrize("chunk", [1 << 24, 3 * V, V, 15 * V])  # one block, several, one token each, one ỹ
 def test_equals_brute_force(problem, chunk):
     logits, targets, embedding = problem
     kl = augmented_kl(logits, targets, embedding, TAU, max_chunk_elements=chunk)
@@ -40,7 +40,7 @@ def test_public_api_is_importable():
     assert tiedlm.augmented_kl is augmented_kl and tiedlm.AugmentedLoss is AugmentedLoss
 
 
-@pytest.mark.parametrize("chunk", [1 << 24, 2 * V])
+@pytest.mark.parametrize("chunk", [1 << 24, 2 * V, 15 * V])
 def test_gradcheck_trained_target(problem, chunk):
     logits, targets, embedding = problem
     fn = lambda z, e: augmented_kl(z, targets, e, TAU, detach_target=False, max_chunk_elements=chunk)  # noqa: E731
@@ -106,11 +106,40 @@ def test_blocks_never_exceed_the_chunk_bound(problem, monkeypatch):
     logits, targets, embedding = problem
     chunk_rows = 3
     blocks = list(loss_module._groups(targets, chunk_rows))
-    assert all(ids.numel() <= chunk_rows and tokens.numel() <= chunk_rows for ids, tokens, _ in blocks)
-    covered = torch.cat([tokens for _, tokens, _ in blocks])
+    chunks = [(ids, tokens, row) for ids, block in blocks for tokens, row in block]
+    assert all(ids.numel() <= chunk_rows and tokens.numel() <= chunk_rows for ids, tokens, _ in chunks)
+    covered = torch.cat([tokens for _, tokens, _ in chunks])
     assert sorted(covered.tolist()) == list(range(N))
-    for ids, tokens, row in blocks:
+    for ids, tokens, row in chunks:
         assert torch.equal(ids[row], targets[tokens])
+    assert torch.equal(torch.cat([ids for ids, _ in blocks]), targets.unique())  # each target in one block
+
+
+@pytest.mark.parametrize("train_target", [False, True])
+def test_target_side_formed_once_when_the_targets_fit_one_block(problem, monkeypatch, train_target):
+    # More tokens than a chunk holds but few distinct targets (WikiText-2 medium: 700 tokens,
+    # ~390 targets, 504 rows per chunk): ỹ is formed once, in the forward pass, and kept; the
+    # token chunks share it, and the gradient into L is two products for the whole batch.
+    logits, targets, embedding = problem
+    unique = targets.unique().numel()
+    chunk = unique * V  # room for every distinct target, fewer than N tokens per chunk
+    assert unique < N
+    seen, original = [], loss_module._target_log_probs
+    monkeypatch.setattr(loss_module, "_target_log_probs", lambda *a: seen.append(a[1]) or original(*a))
+    weights = torch.rand(N, dtype=torch.float64)
+    kl = augmented_kl(logits, targets, embedding, TAU, detach_target=not train_target, max_chunk_elements=chunk)
+    ours = torch.autograd.grad((kl * weights).sum(), (logits, embedding), allow_unused=True)
+    assert len(seen) == 1 and seen[0].numel() == unique
+    reference = torch.autograd.grad(
+        (brute_force_kl(logits, targets, embedding if train_target else embedding.detach(), TAU) * weights).sum(),
+        (logits, embedding),
+        allow_unused=True,
+    )
+    for a, b in zip(ours, reference, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_augmented_loss_is_ce_plus_gamma_tau_kl(problem):
@@ -155,7 +184,8 @@ def test_cross_entropy_matches_pytorch_with_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1 << 24, 3 * V])  # one block (ŷ, ỹ kept), several blocks (recomputed)
+# one block (ŷ, ỹ kept); several blocks (recomputed); one unit block in two token chunks (ỹ kept)
+@pytest.mark.parametrize("chunk", [1 << 24, 3 * V, 15 * V])
 @pytest.mark.parametrize("train_target", [False, True])
 def test_fused_cross_entropy_and_kl_gradients(problem, chunk, train_target):
     # AugmentedLoss runs CE and KL as one autograd node with one gradient buffer for the logits.

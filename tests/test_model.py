@@ -179,36 +179,129 @@ def test_training_mode_draws_fresh_masks_per_window():
     assert isinstance(model, LSTMLanguageModel)
 
 
-def test_masked_recurrence_gradcheck():
-    from tiedlm.models.lstm import MaskedRecurrence
-
-    generator = torch.Generator().manual_seed(0)
-    steps, batch, size = 4, 3, 5
-    inputs = [
-        torch.randn(steps, batch, 4 * size, dtype=torch.float64, generator=generator, requires_grad=True),
-        torch.randn(batch, size, dtype=torch.float64, generator=generator, requires_grad=True),
-        torch.randn(batch, size, dtype=torch.float64, generator=generator, requires_grad=True),
-        torch.randn(4 * size, size, dtype=torch.float64, generator=generator, requires_grad=True),
+def _layer_inputs(steps, batch, size, dtype, seed, inputs=None):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = inputs or size
+    tensors = [
+        torch.randn(steps, batch, inputs, dtype=dtype, generator=generator),  # x
+        torch.randn(batch, size, dtype=dtype, generator=generator),  # h0
+        torch.randn(batch, size, dtype=dtype, generator=generator),  # c0
+        torch.randn(4 * size, inputs, dtype=dtype, generator=generator) / inputs**0.5,  # W_ih
+        torch.randn(4 * size, size, dtype=dtype, generator=generator) / size**0.5,  # W_hh
+        torch.randn(4 * size, dtype=dtype, generator=generator),  # b_ih
+        torch.randn(4 * size, dtype=dtype, generator=generator),  # b_hh
     ]
-    mask = (torch.rand(batch, size, generator=generator) > 0.5).double() * 2
-    assert torch.autograd.gradcheck(lambda *a: MaskedRecurrence.apply(*a, mask), inputs)
+    mask = (torch.rand(batch, size, generator=generator) > 0.5).to(dtype) * 2
+    return [t.requires_grad_() for t in tensors], mask
 
 
-def test_masked_recurrence_matches_the_lstm_equations():
-    from tiedlm.models.lstm import MaskedRecurrence
-
-    generator = torch.Generator().manual_seed(1)
-    steps, batch, size = 6, 2, 4
-    gates_x = torch.randn(steps, batch, 4 * size, dtype=torch.float64, generator=generator)
-    weight = torch.randn(4 * size, size, dtype=torch.float64, generator=generator)
-    mask = (torch.rand(batch, size, generator=generator) > 0.5).double() * 2
-    h = c = torch.zeros(batch, size, dtype=torch.float64)
-    expected = []
-    for t in range(steps):  # docs/method.md §1 / PyTorch's LSTM, written out
-        i, f, g, o = (gates_x[t] + (h * mask) @ weight.t()).chunk(4, 1)
+def _plain_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, mask):
+    """docs/method.md §1 / PyTorch's LSTM with the mask on h_{t-1}, written out (autograd differentiates it)."""
+    outputs = []
+    for t in range(x.size(0)):
+        i, f, g, o = (x[t] @ w_ih.t() + b_ih + b_hh + (h * mask) @ w_hh.t()).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        expected.append(h)
-    outputs, h_last, c_last = MaskedRecurrence.apply(gates_x, torch.zeros_like(h), torch.zeros_like(c), weight, mask)
-    torch.testing.assert_close(outputs, torch.stack(expected))
-    torch.testing.assert_close((h_last, c_last), (h, c))
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+def test_masked_lstm_layer_gradcheck():
+    from tiedlm.models.lstm import MaskedLSTMLayer
+
+    inputs, mask = _layer_inputs(4, 3, 5, torch.float64, seed=0, inputs=6)
+    assert torch.autograd.gradcheck(lambda *a: MaskedLSTMLayer.apply(*a, mask, torch.float64), inputs)
+
+
+def test_masked_lstm_layer_matches_the_lstm_equations_and_their_autograd():
+    from tiedlm.models.lstm import MaskedLSTMLayer
+
+    inputs, mask = _layer_inputs(6, 2, 4, torch.float32, seed=1, inputs=3)
+    ours = MaskedLSTMLayer.apply(*inputs, mask, torch.float32)
+    plain = _plain_layer(*inputs, mask)
+    torch.testing.assert_close(ours, plain)
+    weights = [torch.randn_like(t) for t in ours]  # a loss that reaches every output
+    grads = [
+        torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, out, strict=True)), inputs)
+        for out in (ours, plain)
+    ]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bf16_recurrence_tracks_the_fp32_recurrence():
+    # Under bf16 autocast (where bf16 is native) the layer's matrix products run in bf16 while
+    # the cell state, the gates and the step-to-step gradients stay fp32: the outputs and every
+    # gradient stay within bf16 rounding of the fp32 layer's.
+    from tiedlm.models.lstm import MaskedLSTMLayer
+
+    inputs, mask = _layer_inputs(35, 4, 32, torch.float32, seed=2)
+    results = []
+    for product in (torch.float32, torch.bfloat16):
+        out = MaskedLSTMLayer.apply(*inputs, mask, product)
+        assert all(t.dtype == torch.float32 for t in out)
+        loss = out[0].square().sum() + out[1].sum() + out[2].sum()
+        results.append((out, torch.autograd.grad(loss, inputs)))
+    (fp32_out, fp32_grads), (bf16_out, bf16_grads) = results
+    for a, b in zip(fp32_out, bf16_out, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0.03)
+        assert not torch.equal(a, b)  # the products really ran in bf16
+    names = ("x", "h0", "c0", "W_ih", "W_hh", "b_ih", "b_hh")
+    for name, a, b in zip(names, fp32_grads, bf16_grads, strict=True):
+        assert (b - a).norm() <= 0.03 * a.norm(), name
+
+
+def test_exact_layer_uses_bf16_products_only_where_bf16_is_native(monkeypatch):
+    from tiedlm import precision
+    from tiedlm.models.lstm import product_dtype
+
+    cpu = torch.device("cpu")
+    assert product_dtype(cpu, torch.float32) == torch.float32  # no autocast
+    for native in (True, False):
+        features = precision.CpuFeatures("AVX512" if native else "AVX2", native, False, None)
+        monkeypatch.setattr("tiedlm.models.lstm.cpu_features", lambda features=features: features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert product_dtype(cpu, torch.float32) == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoder_product_has_the_gradients_of_f_linear(bias):
+    # tiedlm.models.common.linear forms W's gradient in another GEMM layout on a CPU in fp32.
+    from tiedlm.models.common import linear
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(11, 8, generator=generator, requires_grad=True)
+    b = torch.randn(11, generator=generator, requires_grad=True) if bias else None
+    leaves = [x, weight] + ([b] if bias else [])
+    upstream = torch.randn(5, 3, 11, generator=generator)
+    ours = linear(x, weight, b)
+    assert "_Linear" in type(ours.grad_fn.next_functions[0][0]).__name__  # the custom product ran
+    plain = torch.nn.functional.linear(x, weight, b)
+    torch.testing.assert_close(ours, plain)
+    grads = [torch.autograd.grad((out * upstream).sum(), leaves) for out in (ours, plain)]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert all(g.is_contiguous() for g in grads[0])
+
+
+def test_tied_model_gradients_match_autograd_of_the_plain_model():
+    # The whole exact-mask model (hand-written layer backward, decoder product) against the same
+    # network written with autograd ops only, masks and all, in float64.
+    torch.manual_seed(0)
+    model = make(dropout=0.3, tie_weights=True, output_bias="on").double().train()
+    model.mask_generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, V, (T, B))
+    state = tuple(s.double() for s in model.init_state(B))
+    logits, _ = model(tokens, state)
+    upstream = torch.randn_like(logits)
+    ours = torch.autograd.grad((logits * upstream).sum(), list(model.parameters()))
+    model.mask_generator = torch.Generator().manual_seed(4)
+    masks = model.sample_masks(B, "cpu", torch.float64)
+    x = model.embedding(tokens) * masks[0]
+    for index, lstm in enumerate(model.layers):
+        x, _, _ = _plain_layer(x, state[0][index], state[1][index], lstm.weight_ih_l0, lstm.weight_hh_l0,
+                               lstm.bias_ih_l0, lstm.bias_hh_l0, masks[index + 1])  # fmt: skip
+        x = x * masks[index + 1]
+    plain_logits = torch.nn.functional.linear(x, model.decoder.weight, model.decoder.bias)
+    torch.testing.assert_close(logits, plain_logits)
+    plain = torch.autograd.grad((plain_logits * upstream).sum(), list(model.parameters()))
+    torch.testing.assert_close(ours, plain)

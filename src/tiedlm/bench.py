@@ -8,13 +8,17 @@ and the augmented loss taken straight from its definition over the whole
 Zilly et al.'s code (separate H and T products, autograd through the loop).
 Both run on the same batches in the same process.
 Timings are per BPTT window after a warm-up; the reported rate is the median.
+The report names the CPU's features (``tiedlm.precision.cpu_features``); the bf16
+matmul peak is timed in full only where bf16 is native, and where it is emulated
+(e.g. an AVX2-only CPU) on a small product within a fraction of a second, marked
+``"bf16": "emulated"``.
 
 FLOPs count the matrix products only (they dominate): per token, forward
 2·(4H)(2H) per LSTM layer (RHN: 2·(2H)·H for the input and for each of the D
 micro-steps) + 2H|V| for the decoder, backward = 2 × forward for the
 recurrence and decoder; with the augmented loss + 2H|V| per unique target for
-ỹ (again in the backward pass when the window's (tokens × |V|) exceeds one
-loss block and is recomputed) and 2 × that for the gradient into L through ỹ.
+ỹ (again in the backward pass when the window's distinct targets exceed one
+loss block, so ỹ is recomputed rather than kept) and 2 × that for the gradient into L through ỹ.
 """
 
 from __future__ import annotations
@@ -35,21 +39,56 @@ from tiedlm.evaluate import evaluate
 from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
 from tiedlm.models import build_model
 from tiedlm.models.common import init_uniform, output_layer
+from tiedlm.precision import bf16_native, cpu_features
 from tiedlm.train import PHASES, TrainingStep, make_optimizer, resolve_device
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 6) -> float:
-    """The best GFLOP/s of repeated size×size matrix products in ``dtype``."""
+def matmul_peak_gflops(
+    dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 6, budget_s: float | None = None
+) -> float:
+    """The best GFLOP/s of repeated size×size matrix products in ``dtype``.
+
+    With ``budget_s`` the size is first chosen so that one product takes about budget_s / repeats
+    (from a 256² product timed once), and timing stops once the budget is spent: an emulated bf16
+    product, ~50x slower than fp32, then costs a fraction of a second instead of minutes.
+    """
+    if budget_s is not None:
+        probe = torch.randn(256, 256, device=device).to(dtype)
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(probe, probe)
+        _sync(device)
+        rate = 2 * 256**3 / max(time.perf_counter() - start, 1e-9)  # FLOP/s, pessimistic (cold)
+        fitting = int((rate * budget_s / repeats / 2) ** (1 / 3))
+        size = max(256, min(size, fitting // 64 * 64))
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    best = 0.0
+    best, began = 0.0, time.perf_counter()
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+        if budget_s is not None and time.perf_counter() - began > budget_s:
+            break
     return best
+
+
+EMULATED_BF16_BUDGET_S = 0.3  # what the bench spends timing bf16 products where they are emulated
+
+
+def matmul_peaks(device: torch.device) -> tuple[dict[str, float], str]:
+    """The fp32 and bf16 matmul peaks, and "native" or "emulated" for bf16 (tiedlm.precision.bf16_native).
+
+    Where bf16 is emulated its peak is timed on a small product within EMULATED_BF16_BUDGET_S."""
+    native, _ = bf16_native(device)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32, device)}
+    if native:
+        peaks["bf16"] = matmul_peak_gflops(torch.bfloat16, device)
+    else:
+        peaks["bf16"] = matmul_peak_gflops(torch.bfloat16, device, budget_s=EMULATED_BF16_BUDGET_S)
+    return peaks, "native" if native else "emulated"
 
 
 def _sync(device: torch.device) -> None:
@@ -71,8 +110,9 @@ def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: f
     if config.loss.augmented:
         target_side = unique_fraction * 2 * h * v
         total += target_side
-        if config.data.batch_size * config.data.bptt * v > DEFAULT_CHUNK_ELEMENTS:
-            total += target_side  # blocks are recomputed in the backward pass instead of kept
+        unique_targets = unique_fraction * config.data.batch_size * config.data.bptt
+        if unique_targets > DEFAULT_CHUNK_ELEMENTS // v:  # several unit blocks: ỹ recomputed, not kept
+            total += target_side
         if not config.loss.detach_target:
             total += 2 * target_side  # gradient into L through ỹ
     return total
@@ -241,6 +281,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
     """Measure training/evaluation speed of ``config`` (and of the naive reference); return a JSON-able dict."""
     work = workload(config, windows, warmup)
     device, corpus, vocab_size, model, step = work.device, work.corpus, work.vocab_size, work.model, work.step
+    precision = step.precision  # fp32 or bf16 (``auto`` resolved)
     state = [model.init_state(config.data.batch_size)]
 
     def train_window(inputs, targets):
@@ -254,24 +295,23 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
     eval_tokens = min(corpus.valid.numel(), (warmup + windows) * config.data.bptt * config.data.eval_batch_size)
     eval_ids = corpus.valid[: eval_tokens + 1]
     evaluate(model, eval_ids[: config.data.bptt * config.data.eval_batch_size * warmup + 1],
-             config.data.eval_batch_size, config.data.bptt, config.train.precision)  # fmt: skip
+             config.data.eval_batch_size, config.data.bptt, precision)  # fmt: skip
     _sync(device)
     start = time.perf_counter()
-    result = evaluate(model, eval_ids, config.data.eval_batch_size, config.data.bptt, config.train.precision)
+    result = evaluate(model, eval_ids, config.data.eval_batch_size, config.data.bptt, precision)
     _sync(device)
     eval_rate = result.tokens / (time.perf_counter() - start)
 
     flops = training_flops_per_token(config, vocab_size, work.unique_fraction)
-    peaks = {
-        "fp32": matmul_peak_gflops(torch.float32, device),
-        "bf16": matmul_peak_gflops(torch.bfloat16, device),
-    }
+    peaks, bf16 = matmul_peaks(device)
     achieved = flops * train.tokens_per_s / 1e9
     report = {
         "config": config.name,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "cpu_features": cpu_features().describe() if device.type == "cpu" else None,
+        "bf16": bf16,
         "threads": torch.get_num_threads(),
-        "precision": config.train.precision,
+        "precision": precision,
         "architecture": config.model.architecture,
         "dropout_mode": config.model.dropout_mode,
         "compile": config.train.compile,
@@ -290,7 +330,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
         "train_gflop_per_token": flops / 1e9,
         "achieved_gflops": achieved,
         "matmul_peak_gflops": peaks,
-        "fraction_of_peak": achieved / peaks[config.train.precision],
+        "fraction_of_peak": achieved / peaks[precision],
     }
     if reference and config.model.architecture != "transformer":  # no naive reference for the transformer
         naive, optimizer = work.naive()
@@ -306,8 +346,9 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
 
 
 def format_report(report: dict) -> str:
+    device = report["device"] + (f" ({report['cpu_features']})" if report.get("cpu_features") else "")
     lines = [
-        f"{report['config']}: {report['device']}, {report['threads']} threads, {report['precision']}, "
+        f"{report['config']}: {device}, {report['threads']} threads, {report['precision']}, "
         f"VD {report['dropout_mode']}, AL {'on' if report['augmented'] else 'off'}"
         + (", compiled loss" if report.get("compile") else "")
         + (", compiled model" if report.get("compile_model") else ""),
@@ -315,6 +356,8 @@ def format_report(report: dict) -> str:
         f"({report['achieved_gflops']:.0f} GFLOP/s = {report['fraction_of_peak']:.0%} of the "
         f"{report['precision']} matmul peak {report['matmul_peak_gflops'][report['precision']]:.0f} GFLOP/s)",
         f"  evaluate   {report['eval_tokens_per_s']:>10,.0f} tokens/s  (batch size {report['eval_batch_size']})",
+        f"  matmul peak fp32 {report['matmul_peak_gflops']['fp32']:,.0f} GFLOP/s, bf16 "
+        f"{report['matmul_peak_gflops']['bf16']:,.0f} GFLOP/s (bf16: {report.get('bf16', 'native')})",
         f"  peak memory {report['peak_memory_mb']:,.0f} MB",
     ]
     if "reference_train_tokens_per_s" in report:

@@ -1,6 +1,6 @@
 """The exact-mask LSTM recurrence on a GPU with one fused Triton kernel per step and direction.
 
-``tiedlm.models.lstm.MaskedRecurrence`` runs each step as about 9 small kernels forward and
+``tiedlm.models.lstm.MaskedLSTMLayer`` runs each step as about 9 small kernels forward and
 about 26 backward (the gate activations, the cell update, the gradient terms, one by one). On a
 GPU every one of them costs a launch, inside a CUDA graph too (~2-3 µs each), so 35 steps × 2
 layers come to ~2,500 launches per window. Here a step is two launches each way:
@@ -10,9 +10,9 @@ layers come to ~2,500 launches per window. Here a step is two launches each way:
     backward  dh = dh_{t+1}·W_hh ⊙ m + ∂/∂h_t, dc, the four gate gradients, dc·f (one kernel)
               dh_t-1 before the mask = d_gates[t]·W_hh                     (cuBLAS mm)
 
-The same mathematics and the same saved tensors as ``MaskedRecurrence`` (whose docstring gives
-the equations), in the parameters' dtype (fp32); tanh is computed as 2σ(2x) − 1. The tests hold
-it to ``MaskedRecurrence`` through Triton's interpreter on a CPU (``TRITON_INTERPRET=1``); the
+The same mathematics as ``MaskedLSTMLayer`` (whose docstring gives the equations), after the
+input projection gates_x = x·W_ihᵀ + b of all steps, in the parameters' dtype (fp32); tanh is
+computed as 2σ(2x) − 1. The tests hold it to the equations written out step by step through Triton's interpreter on a CPU (``TRITON_INTERPRET=1``); the
 GPU self-check of ``scripts/gpu_run.sh`` holds the whole training step to the eager one.
 
 Until it has been measured on a GPU it is opt-in: ``TIEDLM_CUDA_CELL=on`` (read at each call)
@@ -43,7 +43,7 @@ def _row_stride(mask: torch.Tensor) -> int:
 
 
 class FusedMaskedRecurrence(torch.autograd.Function):
-    """``MaskedRecurrence`` (same inputs, outputs and gradients) with one Triton kernel per step and direction."""
+    """The masked recurrence after the input projection (gates_x, h0, c0, W_hh, mask), one Triton kernel per step and direction."""
 
     @staticmethod
     def forward(ctx, gates_x, h0, c0, weight_hh, mask):

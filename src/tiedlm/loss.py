@@ -11,11 +11,14 @@ and ∂J_aug/∂z = (ŷ − ỹ)/τ. Whether ỹ is a constant target or also tr
 the ``detach_target`` setting.
 
 ỹ depends only on the target id, so it is computed once per unique target in
-the batch. Tokens are processed grouped by target in chunks of at most
-``max_chunk_elements`` entries of (tokens × |V|), in both the forward and the
-backward pass, which recomputes rather than stores, so memory stays bounded
-for large vocabularies; a batch that fits in one block keeps ŷ and ỹ for the
-backward pass instead of recomputing them. The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
+the batch. Tokens are processed grouped by target: unit blocks of at most
+``max_chunk_elements`` entries of (targets × |V|), each formed once and shared by
+its tokens, in chunks of at most as many (tokens × |V|) entries, in both the
+forward and the backward pass, which recomputes rather than stores, so memory
+stays bounded for large vocabularies. A batch that fits in one chunk keeps ŷ and ỹ
+for the backward pass; a batch whose distinct targets fit one unit block keeps ỹ
+(WikiText-2 at the default bound fits one chunk; WikiText-103 needs several).
+The τ-softmaxes run in fp32 (fp64 for fp64 inputs)
 with autocast disabled, each softmax with one exponential pass (its log-normaliser read off the
 largest probability), so the backward passes reuse ŷ instead of exponentiating log ŷ again;
 the target side's matrix products (L[y]·Lᵀ and the gradient into L)
@@ -31,33 +34,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 per (tokens × |V|) block
+DEFAULT_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 per (tokens × |V|) block: a WikiText-2 window (700 × 33,278) is one
 
 
 def _groups(
     targets: torch.Tensor, chunk_rows: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | slice, torch.Tensor]]:
-    """Yield (target_ids, token_index, row) blocks that cover every token once.
+) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor | slice, torch.Tensor]]]]:
+    """Yield (target_ids, chunks) blocks: ``target_ids`` (U,) distinct targets and ``chunks`` a list of
+    (token_index, row) that together cover, once each, the tokens whose target is among them.
 
-    ``target_ids`` (U,) are distinct targets, ``token_index`` selects the tokens
-    whose target is among them, and ``row`` says which of the U each of those
-    tokens' target is; U ≤ chunk_rows and the number of tokens ≤ chunk_rows.
-    When the whole batch fits in one block, ``token_index`` is ``slice(None)``
-    (all tokens, in order: no gathering).
+    ``token_index`` selects tokens and ``row`` says which of the U each one's target is; U ≤ chunk_rows
+    and every chunk has ≤ chunk_rows tokens, so ỹ is formed once per unit block however many token
+    chunks share it. When the whole batch fits in one chunk there is one block with one chunk,
+    ``token_index`` = ``slice(None)`` (all tokens, in order: no gathering).
     """
     unique, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
     if targets.numel() <= chunk_rows:
-        yield unique, slice(None), inverse
+        yield unique, [(slice(None), inverse)]
         return
     order = torch.argsort(inverse, stable=True)  # tokens grouped by target
     ends = torch.cumsum(counts, 0).tolist()
     starts = [0] + ends[:-1]
     for u0 in range(0, unique.numel(), chunk_rows):
         u1 = min(u0 + chunk_rows, unique.numel())
+        chunks = []
         for t0 in range(starts[u0], ends[u1 - 1], chunk_rows):
-            t1 = min(t0 + chunk_rows, ends[u1 - 1])
-            tokens = order[t0:t1]
-            yield unique[u0:u1], tokens, inverse[tokens] - u0
+            tokens = order[t0 : min(t0 + chunk_rows, ends[u1 - 1])]
+            chunks.append((tokens, inverse[tokens] - u0))
+        yield unique[u0:u1], chunks
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, product: torch.dtype) -> torch.Tensor:
@@ -105,30 +109,49 @@ class _Block(NamedTuple):
     q: torch.Tensor  # (U, V) ỹ
 
 
-def _block(logits, emb, tau, target_ids, tokens, row) -> _Block:
-    """The block's arrays in ``emb``'s dtype; the target side's products in the logits' dtype."""
+class _Units(NamedTuple):
+    """The target side of one unit block: log ỹ and ỹ, (U, V) each, for ``target_ids``."""
+
+    target_ids: torch.Tensor
+    log_q: torch.Tensor
+    q: torch.Tensor
+
+
+def _units(logits, emb, tau, target_ids) -> _Units:
+    """ỹ of ``target_ids`` in ``emb``'s dtype, its product L[y]·Lᵀ in the logits' dtype."""
     log_q = _target_log_probs(emb, target_ids, tau, logits.dtype)
-    q = log_q.exp()
+    return _Units(target_ids, log_q, log_q.exp())
+
+
+def _block(logits, emb, tau, units: _Units, tokens, row) -> _Block:
+    """One token chunk's arrays in ``emb``'s dtype, against its unit block's ỹ."""
     scaled = _scaled(logits[tokens], tau, emb.dtype)
     p_hat, lse = _softmax_and_lse(scaled, emb.dtype)
-    return _Block(target_ids, tokens, row, p_hat, scaled, lse, q.index_select(0, row), log_q, q)
+    return _Block(units.target_ids, tokens, row, p_hat, scaled, lse, units.q.index_select(0, row), units.log_q, units.q)
 
 
 def _kl_forward(logits: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int):
-    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept): kept is the block of a batch that fits one.
+    """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept) for the backward pass.
 
+    ``kept`` is the one block of a batch that fits one (ŷ and ỹ), or else the unit block's ỹ when
+    all the batch's distinct targets fit one unit block (its tokens in several chunks), or None.
     The loss is computed in ``emb``'s dtype; the target side's matrix products take their inputs
     in the logits' dtype."""
     kl = emb.new_empty(logits.size(0))
-    kept = None
-    for group in _groups(targets, chunk_rows):
-        block = _block(logits, emb, tau, *group)
-        neg_entropy = torch.linalg.vecdot(block.q, block.log_q)  # (U,) Σ ỹ log ỹ
-        cross = torch.linalg.vecdot(block.q_rows, block.scaled) - block.lse  # Σ ỹ log ŷ, as Σ ỹ = 1
-        kl[block.tokens] = neg_entropy[block.row] - cross
-        if isinstance(block.tokens, slice):  # one block: keep it for the backward pass
-            kept = block
-        del block  # before the next block is built: one block's arrays at a time
+    kept: _Block | _Units | None = None
+    for index, (target_ids, chunks) in enumerate(_groups(targets, chunk_rows)):
+        units = _units(logits, emb, tau, target_ids)
+        neg_entropy = torch.linalg.vecdot(units.q, units.log_q)  # (U,) Σ ỹ log ỹ
+        for tokens, row in chunks:
+            block = _block(logits, emb, tau, units, tokens, row)
+            cross = torch.linalg.vecdot(block.q_rows, block.scaled) - block.lse  # Σ ỹ log ŷ, as Σ ỹ = 1
+            kl[block.tokens] = neg_entropy[block.row] - cross
+            if isinstance(block.tokens, slice):  # one block: keep it for the backward pass
+                kept = block
+            del block  # before the next chunk is built: one chunk's arrays at a time
+        if kept is None or isinstance(kept, _Units):
+            kept = units if index == 0 else None  # ỹ of a single unit block is kept, of several not
+        del units
     return kl, kept
 
 
@@ -138,46 +161,88 @@ def _kl_backward(
     """Gradients of Σ g·KL: (ŷ − ỹ)/τ·g added into ``grad_z`` (or returned as a new tensor when it is None),
     and the gradient into L through ỹ when ``train_target``. Returns (grad_z, grad_emb).
 
-    ``logits`` is converted to the loss's dtype only when the blocks are recomputed (not ``kept``)."""
-    grad_emb = torch.zeros_like(emb) if train_target else None
-    if want_z and grad_z is None and kept is None:
+    ``kept`` is what :func:`_kl_forward` kept (a whole block, or a unit block's ỹ), else None: then
+    ỹ is recomputed once per unit block and ŷ once per token chunk. ``logits`` is converted to the
+    loss's dtype only when blocks are recomputed (not a kept whole block)."""
+    grad_emb = None
+    whole = isinstance(kept, _Block)
+    if want_z and grad_z is None and not whole:
         grad_z = torch.zeros_like(logits, dtype=g.dtype)
-    if kept is not None:
-        blocks = [kept]
+    if whole:
+        unit_blocks = [(_Units(kept.target_ids, kept.log_q, kept.q), [kept])]
     else:
-        blocks = (_block(logits, emb, tau, *group) for group in _groups(targets, chunk_rows))
-    for block in blocks:
-        target_ids, tokens, row = block.target_ids, block.tokens, block.row
-        weights = g[tokens]
-        if want_z:
-            scale = (weights / tau).unsqueeze(1)
-            if grad_z is None:
-                grad_z = (block.p_hat - block.q_rows).mul_(scale)  # (ŷ − ỹ)/τ
-            elif isinstance(tokens, slice):
-                grad_z.addcmul_(block.p_hat, scale).addcmul_(block.q_rows, scale, value=-1.0)
-            else:
-                grad_z[tokens] += (block.p_hat - block.q_rows).mul_(scale)  # the tokens of a block are distinct
-        if grad_emb is not None:
-            # ∂KL_t/∂s_j = ỹ_j (log ỹ_j − log ŷ_tj − KL_t) for the scores s = L[y]·Lᵀ/τ. Summed over the
-            # tokens t that share target u, with weights g_t: ỹ_u ⊙ (G_u log ỹ_u − S_u − K_u), where
-            # G_u = Σ g_t, K_u = Σ g_t KL_t and S_u = Σ g_t log ŷ_t = Σ g_t z_t/τ − Σ g_t lse_t:
-            # one (n, V) pass instead of five.
-            units = target_ids.numel()
-            d_rows = torch.zeros(units, emb.size(0), dtype=g.dtype, device=emb.device)
-            common = _uniform(weights)
-            if common is not None:  # a summed loss: every g_t alike, no weighted copy of z/τ
-                d_rows.index_add_(0, row, block.scaled, alpha=-common)  # −Σ g_t z_t/τ
-            else:
-                d_rows.index_add_(0, row, block.scaled * weights.unsqueeze(1), alpha=-1.0)
-            totals = torch.zeros(2, units, dtype=g.dtype, device=emb.device)
-            totals[0].index_add_(0, row, weights)  # G_u
-            totals[1].index_add_(0, row, weights * (kl[tokens] - block.lse))  # K_u − Σ g_t lse_t
-            d_rows.addcmul_(block.log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1)).mul_(block.q)
-            grad_emb.index_add_(0, target_ids, _mm(d_rows, emb, logits.dtype) / tau)
-            grad_emb += _mm(d_rows.t(), emb[target_ids], logits.dtype) / tau
-            del d_rows
-        del block  # before the next block is built
+        unit_blocks = (
+            (units, (_block(logits, emb, tau, units, tokens, row) for tokens, row in chunks))
+            for units, chunks in (
+                (kept if kept is not None else _units(logits, emb, tau, target_ids), chunks)
+                for target_ids, chunks in _groups(targets, chunk_rows)
+            )
+        )
+    for units, blocks in unit_blocks:
+        target = _TargetGradient(units, g.dtype) if train_target else None
+        for block in blocks:
+            weights = g[block.tokens]
+            if want_z:
+                grad_z = _add_logit_gradient(grad_z, block, weights, tau)
+            if target is not None:
+                target.add(block, weights, kl)
+            del block  # before the next chunk is built
+        if target is not None:
+            grad_emb = target.into(grad_emb, emb, tau, logits.dtype)
+        del units, target
+    if train_target and grad_emb is None:
+        grad_emb = torch.zeros_like(emb)
     return grad_z, grad_emb
+
+
+def _add_logit_gradient(grad_z, block: _Block, weights, tau):
+    """grad_z[tokens] += (ŷ − ỹ)/τ · g (a new tensor when grad_z is None and the block is whole)."""
+    scale = (weights / tau).unsqueeze(1)
+    tokens = block.tokens
+    if grad_z is None:
+        return (block.p_hat - block.q_rows).mul_(scale)  # (ŷ − ỹ)/τ
+    if isinstance(tokens, slice):
+        grad_z.addcmul_(block.p_hat, scale).addcmul_(block.q_rows, scale, value=-1.0)
+    else:
+        grad_z[tokens] += (block.p_hat - block.q_rows).mul_(scale)  # the tokens of a chunk are distinct
+    return grad_z
+
+
+class _TargetGradient:
+    """The gradient into L through ỹ of one unit block, summed over its token chunks.
+
+    ∂KL_t/∂s_j = ỹ_j (log ỹ_j − log ŷ_tj − KL_t) for the scores s = L[y]·Lᵀ/τ. Summed over the tokens
+    t that share target u, with weights g_t: ỹ_u ⊙ (G_u log ỹ_u − S_u − K_u), where G_u = Σ g_t,
+    K_u = Σ g_t KL_t and S_u = Σ g_t log ŷ_t = Σ g_t z_t/τ − Σ g_t lse_t: one (n, V) pass per chunk
+    instead of five, and the two products with L once per unit block.
+    """
+
+    def __init__(self, units: _Units, dtype):
+        self.units = units
+        count, vocab = units.q.shape
+        self.d_rows = torch.zeros(count, vocab, dtype=dtype, device=units.q.device)
+        self.totals = torch.zeros(2, count, dtype=dtype, device=units.q.device)
+
+    def add(self, block: _Block, weights, kl) -> None:
+        common = _uniform(weights)
+        if common is not None:  # a summed loss: every g_t alike, no weighted copy of z/τ
+            self.d_rows.index_add_(0, block.row, block.scaled, alpha=-common)  # −Σ g_t z_t/τ
+        else:
+            self.d_rows.index_add_(0, block.row, block.scaled * weights.unsqueeze(1), alpha=-1.0)
+        self.totals[0].index_add_(0, block.row, weights)  # G_u
+        self.totals[1].index_add_(0, block.row, weights * (kl[block.tokens] - block.lse))  # K_u − Σ g_t lse_t
+
+    def into(self, grad_emb, emb, tau, product):
+        """grad_emb + ∂/∂L of this block (grad_emb None: a new tensor): ds/τ·L into the rows L[y], dsᵀ·L[y]/τ into L."""
+        units, totals = self.units, self.totals
+        d_rows = self.d_rows.addcmul_(units.log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1))
+        d_rows.mul_(units.q).mul_(1.0 / tau)
+        d_product = d_rows.to(product)  # converted once for both products (a no-op in fp32)
+        del d_rows, self.d_rows
+        into_all = (d_product.t() @ emb[units.target_ids].to(product)).to(emb.dtype)  # (V, d)
+        grad_emb = into_all if grad_emb is None else grad_emb.add_(into_all)
+        grad_emb.index_add_(0, units.target_ids, (d_product @ emb.to(product)).to(emb.dtype))
+        return grad_emb
 
 
 def _float(tensor: torch.Tensor) -> torch.dtype:

@@ -13,7 +13,8 @@ layer serves both uses:
                     └─ h1_{t-1}⊙m_1            └─ h2_{t-1}⊙m_2
 
 ``exact`` runs that with per-sequence masks in a Python loop over time
-(the input projection of all steps is one matrix product); ``fast`` shares
+(:class:`MaskedLSTMLayer`: the input projection of all steps is one matrix product,
+the backward pass hand-written); ``fast`` shares
 each mask across the batch, which lets the recurrent mask be folded into the
 columns of W_hh and the fused LSTM kernel run unchanged. In evaluation both
 modes are the same deterministic network on the fused kernel.
@@ -25,14 +26,16 @@ size must then equal embedding size, which it always does here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from tiedlm.config import ModelConfig
 from tiedlm.dropout import variational_mask
-from tiedlm.models.common import init_uniform, output_layer
-from tiedlm.precision import fused_lstm
+from tiedlm.models.common import init_uniform, linear, output_layer, weight_grad
+from tiedlm.precision import cpu_features, fused_lstm
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H)
 
@@ -79,7 +82,7 @@ class LSTMLanguageModel(nn.Module):
             h = self.run_layers(x, state, None, fused=True)
         output, new_state = h
         bias = self.decoder.bias if include_bias else None
-        logits = nn.functional.linear(output, self.decoder.weight, bias)  # (T, B, |V|)
+        logits = linear(output, self.decoder.weight, bias)  # (T, B, |V|)
         return logits, new_state
 
     def sample_masks(self, rows: int, device, dtype) -> list[torch.Tensor]:
@@ -130,80 +133,166 @@ def _fused_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.T
 
 def _looped_masked_layer(lstm: nn.LSTM, x: torch.Tensor, hx: State, mask: torch.Tensor):
     """One layer with a per-sequence recurrent mask (B, H) applied to h_{t-1} at every step."""
-    steps, batch, _ = x.shape
-    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
-    # The input projection of all time steps in one matrix product.
-    gates_x = torch.addmm(bias, x.reshape(steps * batch, -1), lstm.weight_ih_l0.t()).view(steps, batch, -1)
-    # The recurrence keeps its state and arithmetic in the parameters' dtype (fp32) even under
-    # bf16 autocast: the cell state accumulates over every step of the window.
-    dtype = lstm.weight_hh_l0.dtype
-    recurrence = MaskedRecurrence
-    if gates_x.is_cuda:  # TIEDLM_CUDA_CELL=on: one fused Triton kernel per step (tiedlm/cuda_cell.py), same maths
+    weight = lstm.weight_hh_l0
+    dtype = weight.dtype  # the state, the gates and their arithmetic stay in the parameters' dtype
+    h0, c0, mask = hx[0][0].to(dtype), hx[1][0].to(dtype), mask.to(dtype)
+    if x.is_cuda:  # TIEDLM_CUDA_CELL=on: one fused Triton kernel per step (tiedlm/cuda_cell.py), same maths
         from tiedlm.cuda_cell import recurrence_for
 
-        recurrence = recurrence_for(gates_x) or MaskedRecurrence
-    outputs, h, c = recurrence.apply(
-        gates_x.to(dtype), hx[0][0].to(dtype), hx[1][0].to(dtype), lstm.weight_hh_l0, mask.to(dtype)
+        fused = recurrence_for(x)
+        if fused is not None:
+            steps, batch, _ = x.shape
+            bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+            gates_x = torch.addmm(bias, x.reshape(steps * batch, -1), lstm.weight_ih_l0.t()).view(steps, batch, -1)
+            outputs, h, c = fused.apply(gates_x.to(dtype), h0, c0, weight, mask)
+            return outputs, (h.unsqueeze(0), c.unsqueeze(0))
+    outputs, h, c = MaskedLSTMLayer.apply(
+        x, h0, c0, lstm.weight_ih_l0, weight, lstm.bias_ih_l0, lstm.bias_hh_l0, mask, product_dtype(x.device, dtype)
     )
     return outputs, (h.unsqueeze(0), c.unsqueeze(0))
 
 
-class MaskedRecurrence(torch.autograd.Function):
-    """The LSTM recurrence with a fixed mask on h_{t-1}, with a hand-written BPTT backward.
+def product_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the exact recurrence's matrix products: autocast's (bf16) where autocast is on and
+    the hardware has it natively (on a CPU: AVX512_BF16 or AMX, see tiedlm.precision), else ``dtype``.
 
-    Inputs: gates_x (T, B, 4H) = x_t·W_ihᵀ + b for all steps, h0 and c0 (B, H),
-    W_hh (4H, H) and the mask (B, H) or (1, H). Per step t (gate order i, f, g, o):
+    Only the products: the cell state, the gates and the outputs stay in ``dtype`` (fp32), as do the
+    gradients the backward pass carries from step to step; each product's result is rounded to bf16
+    once before it joins them (CPU matmuls have no fp32 output for bf16 inputs).
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return dtype
+    if device.type == "cpu" and not cpu_features().bf16_native:
+        return dtype  # emulated bf16 products are ~50x slower than fp32: keep the recurrence in fp32
+    return torch.get_autocast_dtype(device.type)
 
-        a = gates_x[t] + (h_{t-1} ⊙ m)·W_hhᵀ
+
+@functools.cache
+def _packed_products_ok(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear with a pre-packed weight runs here for ``dtype`` (tried once, tiny)."""
+    try:
+        weight, x = torch.ones(8, 4, dtype=dtype), torch.ones(2, 4, dtype=dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return bool(torch.equal(out.float(), torch.full((2, 8), 4.0)))
+
+
+def _step_product(weight: torch.Tensor, rows: int):
+    """x ↦ x·weightᵀ for the (rows, in) inputs x of every step of a window.
+
+    On a CPU the weight is packed once per window for oneDNN's small-batch GEMM, which runs these
+    (20, 650)·(650, 2600) products 20-30% faster than torch.mm (MKL) in fp32, with or without the
+    AVX2 cap, and in bf16 (benchmarks/AVX2.md); elsewhere (and for fp64) it is torch.mm.
+    """
+    if (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and _packed_products_ok(weight.dtype)
+    ):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+        onednn_linear = torch.ops.mkldnn._linear_pointwise
+        return lambda x: onednn_linear(x, packed, None, "none", [], "")
+    transposed = weight.t()
+    return lambda x: torch.mm(x, transposed)
+
+
+class MaskedLSTMLayer(torch.autograd.Function):
+    """One LSTM layer with a fixed mask on h_{t-1}, with a hand-written BPTT backward.
+
+    Inputs: x (T, B, D), h0 and c0 (B, H), the layer's W_ih (4H, D), W_hh (4H, H), b_ih and b_hh (4H,),
+    the mask (B, H) or (1, H) and the dtype of the matrix products (see :func:`product_dtype`).
+    Per step t (gate order i, f, g, o):
+
+        a = x_t·W_ihᵀ + b_ih + b_hh + (h_{t-1} ⊙ m)·W_hhᵀ
         c_t = σ(a_f) ⊙ c_{t-1} + σ(a_i) ⊙ tanh(a_g)
         h_t = σ(a_o) ⊙ tanh(c_t)
 
-    One autograd node for the whole window instead of ~10 per step: the
-    backward pass is one (B, 4H)·(4H, H) product per step plus one product for
-    the whole W_hh gradient.
+    One autograd node for the whole layer and window instead of ~10 per step. The input projection
+    of all steps is one product; the backward pass is one (B, 4H)·(4H, H) product per step, then one
+    product each for the input's gradient and for W_ih's and W_hh's, and the gate derivatives that do
+    not depend on the incoming gradient are formed for all steps at once, outside the loop.
     """
 
     @staticmethod
-    def forward(ctx, gates_x, h0, c0, weight_hh, mask):
-        steps, batch, four_h = gates_x.shape
-        size = four_h // 4
-        acts = torch.empty_like(gates_x)  # activated gates σ(i), σ(f), tanh(g), σ(o)
-        cells = gates_x.new_empty(steps, batch, size)
-        outputs = gates_x.new_empty(steps, batch, size)
-        h, c = h0, c0
-        weight_t = weight_hh.t()
-        for t in range(steps):
-            a = torch.addmm(gates_x[t], h * mask, weight_t, out=acts[t])
-            a[:, : 2 * size].sigmoid_()
-            a[:, 2 * size : 3 * size].tanh_()
-            a[:, 3 * size :].sigmoid_()
-            i, f, g, o = a.chunk(4, 1)
-            c = torch.addcmul(f * c, i, g, out=cells[t])
-            h = torch.mul(o, torch.tanh(c), out=outputs[t])
-        ctx.save_for_backward(acts, cells, outputs, h0, c0, weight_hh, mask)
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, mask, product):
+        steps, batch, _ = x.shape
+        size = weight_hh.size(1)
+        dtype = weight_hh.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            w_ih, w_hh = weight_ih.to(product), weight_hh.to(product)
+            inputs = x.reshape(steps * batch, -1).to(product)
+            bias = bias_ih + bias_hh
+            if product == dtype:
+                acts = torch.addmm(bias, inputs, w_ih.t())
+            else:  # bf16 product, fp32 sum: one pass
+                acts = torch.add(torch.mm(inputs, w_ih.t()), bias)
+            acts = acts.view(steps, batch, 4 * size)  # pre-activations, activated in place step by step
+            cells = x.new_empty(steps, batch, size, dtype=dtype)
+            tanh_cells = torch.empty_like(cells)
+            outputs = torch.empty_like(cells)
+            dropped = x.new_empty(steps, batch, size, dtype=product)  # h_{t-1} ⊙ m, what W_hh multiplies
+            h, c = h0, c0
+            recurrent = _step_product(w_hh, batch)
+            for t in range(steps):
+                a = acts[t]
+                torch.mul(h, mask, out=dropped[t])
+                a.add_(recurrent(dropped[t]))  # bf16 product + fp32 pre-activation: fp32
+                a[:, : 2 * size].sigmoid_()
+                a[:, 2 * size : 3 * size].tanh_()
+                a[:, 3 * size :].sigmoid_()
+                i, f, g, o = a.chunk(4, 1)
+                c = torch.addcmul(f * c, i, g, out=cells[t])
+                h = torch.mul(o, torch.tanh(c, out=tanh_cells[t]), out=outputs[t])
+        ctx.save_for_backward(inputs, c0, w_ih, w_hh, mask, acts, cells, tanh_cells, dropped)
+        ctx.x_dtype = x.dtype
         return outputs, h.clone(), c.clone()
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_h, grad_c):
-        acts, cells, outputs, h0, c0, weight_hh, mask = ctx.saved_tensors
+        inputs, c0, w_ih, w_hh, mask, acts, cells, tanh_cells, dropped = ctx.saved_tensors
         steps, batch, four_h = acts.shape
-        d_gates = torch.empty_like(acts)
-        dh = grad_h.clone() if grad_h is not None else h0.new_zeros(h0.shape)
-        dc = grad_c.clone() if grad_c is not None else c0.new_zeros(c0.shape)
-        for t in range(steps - 1, -1, -1):
-            if grad_outputs is not None:
-                dh += grad_outputs[t]
-            i, f, g, o = acts[t].chunk(4, 1)
-            tanh_c = torch.tanh(cells[t])
-            c_prev = cells[t - 1] if t else c0
-            dc += dh * o * (1 - tanh_c * tanh_c)
-            d_i, d_f, d_g, d_o = d_gates[t].chunk(4, 1)
-            torch.mul(dc * g, i * (1 - i), out=d_i)
-            torch.mul(dc * c_prev, f * (1 - f), out=d_f)
-            torch.mul(dc * i, 1 - g * g, out=d_g)
-            torch.mul(dh * tanh_c, o * (1 - o), out=d_o)
-            dc = dc * f
-            dh = torch.mm(d_gates[t], weight_hh) * mask
-        h_prev = torch.cat([h0.unsqueeze(0), outputs[:-1]]) * mask  # (T, B, H): what W_hh multiplied
-        grad_weight = d_gates.flatten(0, 1).t() @ h_prev.flatten(0, 1)
-        return d_gates, dh, dc, grad_weight, None
+        size = four_h // 4
+        dtype, product = acts.dtype, w_hh.dtype
+        with torch.autocast(acts.device.type, enabled=False):
+            i, f, g, o = acts.chunk(4, 2)  # (T, B, H) each, activated
+            c_prev = torch.cat([c0.unsqueeze(0), cells[:-1]])
+            # ∂a_i = dc·g·σ'(i), ∂a_f = dc·c_{t-1}·σ'(f), ∂a_g = dc·i·(1 − g²); ∂a_o = dh·tanh c·σ'(o);
+            # and dc_t += dh_t·o·(1 − tanh² c_t): every factor but dc and dh, for all steps at once.
+            factors = acts.new_empty(steps, batch, 3, size)
+            torch.mul(g, i * (1 - i), out=factors[:, :, 0])
+            torch.mul(c_prev, f * (1 - f), out=factors[:, :, 1])
+            torch.mul(i, 1 - g * g, out=factors[:, :, 2])
+            out_factor = tanh_cells * o * (1 - o)
+            cell_factor = o * (1 - tanh_cells * tanh_cells)
+            d_gates = torch.empty_like(acts)
+            dh = grad_h.clone() if grad_h is not None else c0.new_zeros(c0.shape)
+            dc = grad_c.clone() if grad_c is not None else c0.new_zeros(c0.shape)
+            recurrent = _step_product(w_hh.t(), batch)  # d ↦ d·W_hh
+            # The state carried in from the previous window is detached in training: then the
+            # first step's products into h0 and c0 are skipped.
+            want_state = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+            for t in range(steps - 1, -1, -1):
+                if grad_outputs is not None:
+                    dh += grad_outputs[t]
+                dc.addcmul_(dh, cell_factor[t])
+                d = d_gates[t]
+                torch.mul(dc.unsqueeze(1), factors[t], out=d.view(batch, 4, size)[:, :3])
+                torch.mul(dh, out_factor[t], out=d[:, 3 * size :])
+                if t or want_state:
+                    dc.mul_(f[t])
+                    dh = torch.mul(recurrent(d.to(product)), mask)
+            flat = d_gates.flatten(0, 1).to(product)
+            grad_x = grad_w_ih = grad_w_hh = grad_b = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (flat @ w_ih).view(steps, batch, -1).to(ctx.x_dtype)
+            if ctx.needs_input_grad[3]:
+                grad_w_ih = weight_grad(flat, inputs).to(dtype)
+            if ctx.needs_input_grad[4]:
+                grad_w_hh = weight_grad(flat, dropped.flatten(0, 1)).to(dtype)
+            if ctx.needs_input_grad[5] or ctx.needs_input_grad[6]:
+                grad_b = d_gates.sum((0, 1))
+        if not want_state:
+            dh = dc = None
+        return grad_x, dh, dc, grad_w_ih, grad_w_hh, grad_b, None if grad_b is None else grad_b.clone(), None, None
