@@ -12,7 +12,8 @@ layers come to ~2,500 launches per window. Here a step is two launches each way:
 
 The same mathematics as ``MaskedLSTMLayer`` (whose docstring gives the equations), after the
 input projection gates_x = x·W_ihᵀ + b of all steps, in the parameters' dtype (fp32); tanh is
-computed as 2σ(2x) − 1. The tests hold it to the equations written out step by step through Triton's interpreter on a CPU (``TRITON_INTERPRET=1``); the
+computed as 2σ(2x) − 1. The tests hold it to the equations written out step by step, through
+Triton's interpreter on a CPU (``TRITON_INTERPRET=1``); the
 GPU self-check of ``scripts/gpu_run.sh`` holds the whole training step to the eager one.
 
 Until it has been measured on a GPU it is opt-in: ``TIEDLM_CUDA_CELL=on`` (read at each call)
@@ -43,7 +44,7 @@ def _row_stride(mask: torch.Tensor) -> int:
 
 
 class FusedMaskedRecurrence(torch.autograd.Function):
-    """The masked recurrence after the input projection (gates_x, h0, c0, W_hh, mask), one Triton kernel per step and direction."""
+    """The masked recurrence after the input projection (gates_x, h0, c0, W_hh, mask), one Triton kernel per step each way."""
 
     @staticmethod
     def forward(ctx, gates_x, h0, c0, weight_hh, mask):
