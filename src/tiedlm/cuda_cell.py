@@ -44,7 +44,7 @@ def _row_stride(mask: torch.Tensor) -> int:
 
 
 class FusedMaskedRecurrence(torch.autograd.Function):
-    """The masked recurrence after the input projection (gates_x, h0, c0, W_hh, mask), one Triton kernel per step each way."""
+    """The masked recurrence after the input projection (gates_x, h0, c0, W_hh, mask); a Triton kernel per step."""
 
     @staticmethod
     def forward(ctx, gates_x, h0, c0, weight_hh, mask):
