@@ -4,8 +4,8 @@ naive reference, like for like, measured in the same process, interleaved.
     python benchmarks/avx2.py                        # ~15 min on a 2-core machine
     python benchmarks/avx2.py --baseline e96aa3a     # also the same cases at an older commit
 
-Runs every case in a child process with the CPU capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2,
-ATEN_CPU_CAPABILITY=avx2, TIEDLM_CPU_ISA=avx2), unless --no-caps:
+Runs every case in a child process with the CPU capped to AVX2 (interleaved.AVX2_CAPS:
+ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, TIEDLM_CPU_ISA), unless --no-caps:
 
 - PTB medium RE (`configs/ptb/medium-re.toml`: exact masks, no AL) against the naive tied
   reference (`nn.LSTM` + plain dropout + cross-entropy, no AL): the like-for-like ratio;

@@ -83,9 +83,7 @@ def measure(config_path: str, overrides: list[str], threads: int, windows: int, 
         "precision": work.step.precision,
         "threads": torch.get_num_threads(),
         "cpu_features": cpu_features().describe(),
-        "caps": {
-            k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "TIEDLM_CPU_ISA") if k in os.environ
-        },  # fmt: skip
+        "caps": {k: os.environ[k] for k in AVX2_CAPS if k in os.environ},  # fmt: skip
         "tokens_per_window": tokens,
         "timed_windows": len(batches) * rounds,
         "vocab_size": work.vocab_size,
@@ -136,7 +134,12 @@ if __name__ == "__main__":
     main()
 
 
-AVX2_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "TIEDLM_CPU_ISA": "avx2"}
+AVX2_CAPS = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "TIEDLM_CPU_ISA": "avx2",
+}
 
 
 def run_case(config: str, overrides: list[str], *, threads: int, caps: dict[str, str] | None = None,

@@ -8,8 +8,8 @@ epoch and hours for 40 epochs, per kind of machine.
 trainable target, full softmax. Each case runs in a child process (benchmarks/interleaved.py):
 
 - bf16-native: `train.precision = bf16` on this CPU as it is (where it has AVX512_BF16 or AMX);
-- AVX2: fp32 with the CPU capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2,
-  TIEDLM_CPU_ISA=avx2), beside the bench's naive reference (`nn.LSTM` + the AL from its definition).
+- AVX2: fp32 with the CPU capped to AVX2 (interleaved.AVX2_CAPS), beside the bench's naive
+  reference (`nn.LSTM` + the AL from its definition).
 
 An epoch is the 2.09M training tokens at the training rate plus the validation split (217,646
 tokens, batch 10) at the evaluation rate; 40 epochs are 40 of those. Rates are medians over

@@ -149,7 +149,7 @@ def one_thread():
 
 
 # Tests whose outcome depends on the CPU's kernels (bf16, oneDNN, the hand-written recurrences):
-# .ci/run runs them a second time with the CPU capped to AVX2 (`pytest -m kernels`).
+# `pytest -m kernels` runs only them (.ci/run runs the whole suite a second time under the AVX2 cap).
 KERNEL_MODULES = {
     "test_precision.py", "test_model.py", "test_loss.py", "test_train.py", "test_bench.py",
     "test_rhn.py", "test_transformer.py",
