@@ -1,7 +1,8 @@
 """Precision on every CPU: `auto` picks bf16 only where it is native; bf16 never crashes where it is emulated.
 
 CI also runs the suite with the CPU capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2,
-MKL_ENABLE_INSTRUCTIONS=AVX2, TIEDLM_CPU_ISA=avx2; see .ci/run), so that a bf16-native machine exercises the AVX2 paths too.
+MKL_ENABLE_INSTRUCTIONS=AVX2, TIEDLM_CPU_ISA=avx2; see .ci/run), so that a bf16-native machine exercises
+the AVX2 paths too.
 """
 
 import json
