@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over tiedlm's step and the naive reference.
 
     python benchmarks/profile_step.py          # ~4 min on 2 cores
+    python benchmarks/profile_step.py --case configs/wikitext-2/medium-real.toml:bf16:exact --out profile_wt2
 
 Explains the CPU targets of benchmarks/RESULTS.md. For each case (PTB small REAL
 on the fastest path, bf16 + fast VD, eager and with `train.compile = true`, and on
@@ -33,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from tiedlm.bench import matmul_peak_gflops, naive_step, time_windows, training_flops_per_token, workload
 from tiedlm.config import load_config
+from tiedlm.precision import cpu_features
 from tiedlm.runtime import tune_allocator
 from tiedlm.train import PHASES
 
@@ -44,8 +46,15 @@ CASES = [  # config, precision, VD mode, train.compile
     ("configs/ptb/medium-real.toml", "bf16", "fast", False),
     ("configs/ptb/medium-real.toml", "bf16", "fast", True),
 ]
-CATEGORIES = ("matrix products", "(tokens x |V|) element-wise", "optimizer and clipping", "other operators",
-              "between operators (Python, dispatch)")  # fmt: skip
+MATMULS, VOCAB, OPTIMIZER, CASTS, OTHER, BETWEEN = CATEGORIES = (
+    "matrix products",
+    "(tokens x |V|) element-wise",
+    "optimizer and clipping",
+    "dtype casts and copies",
+    "other operators",
+    "between operators (Python, dispatch)",
+)
+CAST_OPERATORS = ("aten::copy_", "aten::_to_copy", "aten::to")
 PRODUCTS = ("::mm", "::addmm", "::bmm", "::baddbmm", "::addmv", "::mv", "::_addmm_activation")
 
 
@@ -108,19 +117,21 @@ def categorise(windows: list[list], shaped: list, vocab_size: int) -> tuple[dict
         for event, is_wide in zip(events, wide, strict=True):
             own = event.self_cpu_time_total / 1000 / len(matched)  # µs over all windows -> ms per window
             if event.name in PHASES or event.name == WINDOW:
-                totals[CATEGORIES[4]] += own
+                totals[BETWEEN] += own
                 continue
             phase = phase_of(event)
             if phase is None:
                 continue
             if is_product(event.name):
-                category = CATEGORIES[0]
+                category = MATMULS
             elif phase in PHASES[2:]:
-                category = CATEGORIES[2]
+                category = OPTIMIZER
+            elif event.name in CAST_OPERATORS:
+                category = CASTS
             elif is_wide:
-                category = CATEGORIES[1]
+                category = VOCAB
             else:
-                category = CATEGORIES[3]
+                category = OTHER
             totals[category] += own
             key = ("compiled loss kernels (torch.compile)" if COMPILED in event.name else event.name, is_wide)
             operators[key] = operators.get(key, 0.0) + own
@@ -176,6 +187,7 @@ def measure(config_path: str, precision: str, mode: str, compiled: bool, windows
         "compile": compiled,
         "tokens_per_window": tokens,
         "vocab_size": work.vocab_size,
+        "cpu_features": cpu_features().describe(),
         "unique_target_fraction": work.unique_fraction,
         "train_tokens_per_s": rates["tiedlm"],
         "reference_train_tokens_per_s": rates["naive"],
@@ -192,8 +204,8 @@ def bounds(row: dict) -> dict:
     mine = row["breakdown_ms"]["tiedlm"]
     window = row["tokens_per_window"] / row["train_tokens_per_s"] * 1000  # unprofiled ms per window
     scale = window / mine["profiled window ms"]  # the profiler's overhead, spread evenly
-    products = mine[CATEGORIES[0]] * scale
-    vocab = mine[CATEGORIES[1]] * scale
+    products = mine[MATMULS] * scale
+    vocab = mine[VOCAB] * scale
     logits_pass_ms = 3 * 4 * row["tokens_per_window"] * row["vocab_size"] / row["bandwidth_gb_s"] / 1e6
     return {
         "window_ms": window,
@@ -207,8 +219,8 @@ def bounds(row: dict) -> dict:
     }
 
 
-def render(result: dict) -> str:
-    lines = header(result, "Where a training step's time goes (torch.profiler)", "profile.json", result["threads"])
+def render(result: dict, json_name: str = "profile.json") -> str:
+    lines = header(result, "Where a training step's time goes (torch.profiler)", json_name, result["threads"])
     lines += [
         f"{result['windows']} timed windows (median, no profiler) and {result['profiled']} profiled windows",
         "(batch 20 × 35) per case, after 3 warm-up windows. Each operator's own CPU time is",
@@ -233,7 +245,7 @@ def render(result: dict) -> str:
             f"{row['reference_train_tokens_per_s']:,.0f}, ratio "
             f"{row['train_tokens_per_s'] / row['reference_train_tokens_per_s']:.2f}x): {b['window_ms']:.1f} ms per "
             f"window of {row['tokens_per_window']} tokens. Unique targets per window: "
-            f"{row['unique_target_fraction']:.0%} of the tokens.",
+            f"{row['unique_target_fraction']:.0%} of the tokens. CPU features: `{row.get('cpu_features', '?')}`.",
             "",
             "| category | tiedlm ms/window (profiled) | share | naive ms/window (profiled) | share |",
             "|---|---:|---:|---:|---:|",
@@ -271,17 +283,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=15, help="timed windows per case (no profiler)")
     parser.add_argument("--profiled", type=int, default=8, help="profiled windows per case (+1 traced with shapes)")
+    parser.add_argument("--case", action="append", metavar="CONFIG:PRECISION:MODE[:compile]",
+                        help="profile these cases instead of the default ones (repeatable)")  # fmt: skip
+    parser.add_argument("--out", default="profile", help="results in benchmarks/OUT.json and OUT.md (upper case)")
     args = parser.parse_args()
+    cases = CASES
+    if args.case:
+        cases = []
+        for case in args.case:
+            config_path, precision, mode, *compiled = case.split(":")
+            cases.append((config_path, precision, mode, compiled == ["compile"]))
     tune_allocator()
     began = time.perf_counter()
     rows = []
-    for config_path, precision, mode, compiled in CASES:
+    for config_path, precision, mode, compiled in cases:
         row = measure(config_path, precision, mode, compiled, args.windows, args.profiled)
         print(f"{row['config']} {precision} {mode} compile={compiled}: {row['train_tokens_per_s']:,.0f} tok/s")
         rows.append(row)
     result = record("profile_step.py", began, threads=torch.get_num_threads(), windows=args.windows,
                     profiled=args.profiled, rows=rows)  # fmt: skip
-    write(result, "profile.json", "PROFILE.md", render(result))
+    write(result, f"{args.out}.json", f"{args.out.upper()}.md", render(result, f"{args.out}.json"))
     print(f"median unprofiled window: {statistics.median(bounds(r)['window_ms'] for r in rows):.1f} ms")
 
 
