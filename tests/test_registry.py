@@ -71,6 +71,8 @@ def test_another_architectures_key_is_refused_unless_at_its_default():
         config_from_dict({"model": {"architecture": "rhn", "deptth": 3}}, "f.toml")
     with pytest.raises(TiedlmError, match=r"^--set 'model.depth=x': 'model.depth' must be an integer"):
         apply_overrides({}, ["model.depth=x"])
+    with pytest.raises(TiedlmError, match=r"^--set 'model.architecture=foo': 'model.architecture' must be one of"):
+        apply_overrides({}, ["model.architecture=foo"])
     merged = apply_overrides({}, ["model.architecture=rhn", "model.depth=3"])
     assert config_from_dict(merged, "f.toml").model.depth == 3
 

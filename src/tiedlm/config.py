@@ -149,6 +149,12 @@ def _model_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
     return table_fields()
 
 
+def _architecture_choice() -> dict:
+    from tiedlm.models import ARCHITECTURES
+
+    return choice(*ARCHITECTURES)
+
+
 def model_table(model: ModelConfig) -> dict[str, Any]:
     """The flat ``[model]`` table of ``model``: every architecture's keys, in file order, the ones
     ``model`` does not have at their defaults (so a config.json reads the same at any commit)."""
@@ -169,7 +175,7 @@ def _model_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
     """
     from tiedlm.models import ARCHITECTURES, field_default, settings
 
-    architecture = _coerce(where, "model.architecture", raw.get("architecture", "lstm"), str, choice(*ARCHITECTURES))
+    architecture = _coerce(where, "model.architecture", raw.get("architecture", "lstm"), str, _architecture_choice())
     cls = ARCHITECTURES[architecture].config_class
     own = settings(cls)
     every = _model_fields()
@@ -321,7 +327,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if path[1] not in known:
                 raise _unknown(where, ".".join(path), list(known))
             spec, kind = known[path[1]]
-            value = _coerce(where, ".".join(path), _parse_value(value_text, kind), kind, spec.metadata)
+            meta = _architecture_choice() if path == ["model", "architecture"] else spec.metadata
+            value = _coerce(where, ".".join(path), _parse_value(value_text, kind), kind, meta)
             section = merged.get(path[0])
             merged[path[0]] = (dict(section) if isinstance(section, dict) else {}) | {path[1]: value}
         else:
