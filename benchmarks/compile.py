@@ -5,7 +5,7 @@
 `tiedlm bench` of PTB small REAL for the speed paths that matter (bf16 with
 fast and exact VD masks, fp32 exact), no naive reference, three ways: eager;
 `compile` (the augmented loss's (tokens x |V|) work fused by torch.compile,
-tiedlm/fused_loss.py); and `compile` + `compile_model` (the model's forward
+tiedlm/loss/compiled.py); and `compile` + `compile_model` (the model's forward
 compiled too). Compilation happens in the warm-up windows; the wall time of
 each bench includes it. Results: benchmarks/compile.json and benchmarks/COMPILE.md.
 """

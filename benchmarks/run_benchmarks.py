@@ -199,7 +199,7 @@ reference is the same model written naively (`nn.LSTM` + `nn.Linear` +
 definition) on the same batches. GFLOP/s counts matrix products only; the
 fraction is of the measured peak of the run's precision. "compile" is
 `train.compile = true`: the augmented loss's (tokens × |V|) work fused by
-`torch.compile` (`tiedlm/fused_loss.py`; the compilation happens in the warm-up windows).
+`torch.compile` (`tiedlm/loss/compiled.py`; the compilation happens in the warm-up windows).
 Peak RSS is the benchmark process's high-water mark, which only grows from row to
 row (all rows run in one process); `benchmarks/LARGE_VOCAB.md` measures memory
 with one process per case.

@@ -2,9 +2,10 @@ import json
 
 import torch
 
-from tiedlm.bench import NaiveReference, naive_step, training_flops_per_token
+from tiedlm.bench import naive_step, training_flops_per_token
 from tiedlm.cli import main
 from tiedlm.config import Config, load_config
+from tiedlm.models.lstm import NaiveLSTM
 
 
 def test_bench_json_has_the_documented_fields(capsys, config_file):
@@ -47,7 +48,7 @@ def test_naive_reference_computes_the_same_loss_as_tiedlm(config_file):
 
     config = load_config(config_file, ["train.clip=0"])  # compare raw gradients
     torch.manual_seed(0)
-    naive = NaiveReference(config, 31).eval()
+    naive = NaiveLSTM(config, 31).eval()
     tokens = torch.randint(0, 31, (6, 4))
     targets = torch.randint(0, 31, (6, 4))
     state = (torch.zeros(2, 4, 12), torch.zeros(2, 4, 12))

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import tiedlm
-from tiedlm import loss as loss_module
 from tiedlm.loss import AugmentedLoss, augmented_kl
+from tiedlm.loss import eager as loss_module
 
 V, D, N, TAU = 11, 4, 23, 2.0
 
@@ -91,11 +91,11 @@ def test_kl_is_nonnegative_and_zero_at_target_logits(problem):
 def test_target_distribution_computed_once_per_unique_target(problem, monkeypatch):
     logits, targets, embedding = problem
     seen = []
-    original = loss_module._target_log_probs
+    original = loss_module.target_log_probs
     monkeypatch.setattr(
         loss_module,
-        "_target_log_probs",
-        lambda e, ids, tau, product: seen.append(ids) or original(e, ids, tau, product),
+        "target_log_probs",
+        lambda e, ids, **kw: seen.append(ids) or original(e, ids, **kw),
     )
     augmented_kl(logits, targets, embedding, TAU)
     ids = torch.cat(seen)
@@ -105,7 +105,7 @@ def test_target_distribution_computed_once_per_unique_target(problem, monkeypatc
 def test_blocks_never_exceed_the_chunk_bound(problem, monkeypatch):
     logits, targets, embedding = problem
     chunk_rows = 3
-    blocks = list(loss_module._groups(targets, chunk_rows))
+    blocks = list(loss_module.groups(targets, chunk_rows))
     chunks = [(ids, tokens, row) for ids, block in blocks for tokens, row in block]
     assert all(ids.numel() <= chunk_rows and tokens.numel() <= chunk_rows for ids, tokens, _ in chunks)
     covered = torch.cat([tokens for _, tokens, _ in chunks])
@@ -124,8 +124,8 @@ def test_target_side_formed_once_when_the_targets_fit_one_block(problem, monkeyp
     unique = targets.unique().numel()
     chunk = unique * V  # room for every distinct target, fewer than N tokens per chunk
     assert unique < N
-    seen, original = [], loss_module._target_log_probs
-    monkeypatch.setattr(loss_module, "_target_log_probs", lambda *a: seen.append(a[1]) or original(*a))
+    seen, original = [], loss_module.target_log_probs
+    monkeypatch.setattr(loss_module, "target_log_probs", lambda *a, **kw: seen.append(a[1]) or original(*a, **kw))
     weights = torch.rand(N, dtype=torch.float64)
     kl = augmented_kl(logits, targets, embedding, TAU, detach_target=not train_target, max_chunk_elements=chunk)
     ours = torch.autograd.grad((kl * weights).sum(), (logits, embedding), allow_unused=True)
@@ -195,7 +195,7 @@ def test_fused_cross_entropy_and_kl_gradients(problem, chunk, train_target):
     chunk_rows = max(1, chunk // V)
 
     def fused(z, b, e):
-        ce, kl = loss_module._CrossEntropyAndKL.apply(z, b, e, targets, TAU, chunk_rows, train_target)
+        ce, kl = loss_module.CrossEntropyAndKL.apply(z, b, e, targets, TAU, chunk_rows, train_target)
         return (ce * weights[0]).sum() + (kl * weights[1]).sum()
 
     if train_target:
@@ -216,11 +216,11 @@ def test_fused_cross_entropy_and_kl_gradients(problem, chunk, train_target):
 
 def test_fused_loss_with_one_output_unused(problem):
     logits, targets, embedding = problem
-    ce, kl = loss_module._CrossEntropyAndKL.apply(logits, None, embedding, targets, TAU, 100, False)
+    ce, kl = loss_module.CrossEntropyAndKL.apply(logits, None, embedding, targets, TAU, 100, False)
     (grad,) = torch.autograd.grad(kl.sum(), logits)  # no gradient reaches the CE output
     (expected,) = torch.autograd.grad(augmented_kl(logits, targets, embedding, TAU).sum(), logits)
     torch.testing.assert_close(grad, expected)
-    ce, _ = loss_module._CrossEntropyAndKL.apply(logits, None, embedding, targets, TAU, 100, False)
+    ce, _ = loss_module.CrossEntropyAndKL.apply(logits, None, embedding, targets, TAU, 100, False)
     (grad,) = torch.autograd.grad(ce.sum(), logits)
     (expected,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), logits)
     torch.testing.assert_close(grad, expected)
@@ -232,7 +232,7 @@ def test_softmax_and_lse_match_torch_even_for_extreme_logits():
     x[0] += 1e4  # a huge offset: a naive exp would overflow
     x[1, 7] = 200.0  # one dominant entry: every other probability underflows
     x[2] = 0.0  # all equal: the largest probability is 1/|V|
-    p, lse = loss_module._softmax_and_lse(x, torch.float32)
+    p, lse = loss_module.softmax_and_lse(x, torch.float32)
     torch.testing.assert_close(p, torch.softmax(x, -1))
     torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5)
 
@@ -265,7 +265,7 @@ def test_bf16_logits_track_the_fp32_loss_and_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_loss_equals_the_eager_loss(dtype, monkeypatch):
-    from tiedlm import fused_loss
+    from tiedlm.loss import compiled as fused_loss
 
     calls, original = [], fused_loss._token_forward
     monkeypatch.setattr(fused_loss, "_token_forward", lambda *a: calls.append(1) or original(*a))
@@ -289,7 +289,7 @@ def test_compiled_loss_equals_the_eager_loss(dtype, monkeypatch):
 
 
 def test_compiled_loss_falls_back_to_eager_with_a_bias(monkeypatch):
-    from tiedlm import fused_loss
+    from tiedlm.loss import compiled as fused_loss
 
     monkeypatch.setattr(fused_loss, "fused_components", lambda *a, **k: pytest.fail("took the fused path"))
     logits, embedding = torch.randn(8, 20, requires_grad=True), torch.randn(20, 4)
@@ -300,8 +300,8 @@ def test_compiled_loss_falls_back_to_eager_with_a_bias(monkeypatch):
 def test_compiled_loss_that_cannot_be_built_gives_one_line(monkeypatch):
     from torch._dynamo.exc import TorchDynamoException
 
-    from tiedlm import fused_loss
     from tiedlm.errors import TiedlmError
+    from tiedlm.loss import compiled as fused_loss
 
     def broken(_fn):
         def run(*args):

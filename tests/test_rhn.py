@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiedlm.bench import NaiveRHN, training_flops_per_token
-from tiedlm.config import Config, ModelConfig, TrainConfig, load_config
+from tiedlm.bench import training_flops_per_token
+from tiedlm.config import Config, TrainConfig, load_config
 from tiedlm.models import build_model
-from tiedlm.models.rhn import HighwayRecurrence, RHNLanguageModel
+from tiedlm.models.rhn import HighwayRecurrence, NaiveRHN, RHNConfig, RHNLanguageModel
 from tiedlm.train import Trainer, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rhn_config(**changes) -> ModelConfig:
-    base = {"architecture": "rhn", "hidden_size": 6, "num_layers": 1, "depth": 3, "init_range": 0.3}
-    return ModelConfig(**{**base, **changes})
+def rhn_config(**changes) -> RHNConfig:
+    base = {"hidden_size": 6, "num_layers": 1, "depth": 3, "init_range": 0.3}
+    return RHNConfig(**{**base, **changes})
 
 
 def reference_window(model: RHNLanguageModel, tokens, s, masks=None):

@@ -1,11 +1,11 @@
-"""The static-shape augmented loss (tiedlm.static_loss) equals the unique-target one to rounding."""
+"""The static-shape augmented loss (tiedlm.loss.static) equals the unique-target one to rounding."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tiedlm.loss import AugmentedLoss
-from tiedlm.static_loss import _spans, static_components
+from tiedlm.loss.static import _spans, static_components
 
 V, D, N, TAU = 13, 5, 29, 3.0
 

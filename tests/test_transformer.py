@@ -8,17 +8,18 @@ import torch
 from safetensors.torch import load_file
 
 from tiedlm.cli import main
-from tiedlm.config import ModelConfig, load_config
+from tiedlm.config import load_config
 from tiedlm.models import build_model
+from tiedlm.models.transformer import TransformerConfig
 from tiedlm.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small(**changes) -> ModelConfig:
-    base = {"architecture": "transformer", "hidden_size": 16, "num_layers": 2, "num_heads": 2,
+def small(**changes) -> TransformerConfig:
+    base = {"hidden_size": 16, "num_layers": 2, "num_heads": 2,
             "context_size": 100, "dropout": 0.0}  # fmt: skip
-    return ModelConfig(**{**base, **changes})
+    return TransformerConfig(**{**base, **changes})
 
 
 def test_a_position_never_sees_later_tokens():

@@ -16,17 +16,18 @@ import tiedlm
 from conftest import write_config, write_corpus
 from tiedlm.checkpoint import _seal, load_checkpoint, run_checkpoints
 from tiedlm.cli import main
-from tiedlm.config import Config, DataConfig, ModelConfig, config_from_dict, load_config
+from tiedlm.config import Config, DataConfig, config_from_dict, load_config
 from tiedlm.data import EOS, UNK, Vocabulary, load_corpus
 from tiedlm.errors import InvalidArgument, InvalidArgumentType, TiedlmError
 from tiedlm.generate import score_lines
-from tiedlm.models import build_model, parameter_count
+from tiedlm.models import ARCHITECTURES, build_model, parameter_count
 
 WORDS = [EOS, UNK, *(f"w{i}" for i in range(10))]
 
 
 def make_lm(architecture: str = "lstm", seed: int = 0) -> tiedlm.LanguageModel:
-    config = Config(model=ModelConfig(architecture=architecture, hidden_size=8, num_heads=2, depth=2))
+    own = {"rhn": {"depth": 2}, "transformer": {"num_heads": 2}}.get(architecture, {})
+    config = Config(model=ARCHITECTURES[architecture].config_class(hidden_size=8, **own))
     torch.manual_seed(seed)
     return tiedlm.LanguageModel(build_model(config.model, len(WORDS)), Vocabulary(WORDS), config)
 
@@ -228,7 +229,9 @@ def test_a_model_too_large_to_allocate(capsys, tmp_path):
 def test_parameter_count_matches_the_built_models():
     for architecture in ("lstm", "rhn", "transformer"):
         for tie, bias in ((True, "auto"), (False, "auto"), (True, "on"), (False, "off")):
-            config = ModelConfig(architecture, 6, 3, tie_weights=tie, output_bias=bias, depth=2, num_heads=2)
+            own = {"rhn": {"depth": 2}, "transformer": {"num_heads": 2}}.get(architecture, {})
+            settings = ARCHITECTURES[architecture].config_class
+            config = settings(hidden_size=6, num_layers=3, tie_weights=tie, output_bias=bias, **own)
             built = build_model(config, 11)
             assert parameter_count(config, 11) == sum(p.numel() for p in built.parameters()), (architecture, tie, bias)
 

@@ -6,16 +6,17 @@ The naive reference is what a user would write from the paper: ``nn.LSTM`` +
 and the augmented loss taken straight from its definition over the whole
 (tokens × |V|) matrix; for the RHN it is the micro-step loop written as in
 Zilly et al.'s code (separate H and T products, autograd through the loop).
-Both run on the same batches in the same process.
+Each architecture names its own (``naive_reference`` in its models/ file; the
+Transformer has none). Both run on the same batches in the same process.
 Timings are per BPTT window after a warm-up; the reported rate is the median.
 The report names the CPU's features (``tiedlm.precision.cpu_features``); the bf16
 matmul peak is timed in full only where bf16 is native, and where it is emulated
 (e.g. an AVX2-only CPU) on a small product within a fraction of a second, marked
 ``"bf16": "emulated"``.
 
-FLOPs count the matrix products only (they dominate): per token, forward
-2·(4H)(2H) per LSTM layer (RHN: 2·(2H)·H for the input and for each of the D
-micro-steps) + 2H|V| for the decoder, backward = 2 × forward for the
+FLOPs count the matrix products only (they dominate): per token, forward as the
+model's ``forward_flops_per_token`` counts it (LSTM: 2·(4H)(2H) per layer; RHN:
+2·(2H)·H for the input and for each of the D micro-steps; + 2H|V| for the decoder), backward = 2 × forward for the
 recurrence and decoder; with the augmented loss + 2H|V| per unique target for
 ỹ (again in the backward pass when the window's distinct targets exceed one
 loss block, so ỹ is recomputed rather than kept) and 2 × that for the gradient into L through ỹ.
@@ -37,8 +38,7 @@ from tiedlm.config import Config
 from tiedlm.data import Corpus, batchify, bptt_windows, load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
-from tiedlm.models import build_model
-from tiedlm.models.common import init_uniform, output_layer
+from tiedlm.models import ARCHITECTURES, build_model
 from tiedlm.precision import bf16_native, cpu_features
 from tiedlm.train import PHASES, TrainingStep, make_optimizer, resolve_device
 
@@ -99,13 +99,8 @@ def _sync(device: torch.device) -> None:
 def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: float) -> float:
     """Matrix-product FLOPs of one training token (forward + backward), see the module docstring."""
     h, v = config.model.hidden_size, vocab_size
-    if config.model.architecture == "rhn":  # input projection + D micro-steps + decoder
-        forward = 2 * (2 * h) * h * (1 + config.model.depth) + 2 * h * v
-    elif config.model.architecture == "transformer":  # per layer: QKV + output (4h²), FFN (8h²), attention
-        context = config.model.context_size + config.data.bptt / 2
-        forward = config.model.num_layers * (2 * 12 * h * h + 2 * 2 * context * h) + 2 * h * v
-    else:
-        forward = config.model.num_layers * 2 * (4 * h) * (2 * h) + 2 * h * v
+    architecture = ARCHITECTURES[config.model.architecture]
+    forward = architecture.forward_flops_per_token(architecture.settings(config.model), v, bptt=config.data.bptt)
     total = 3 * forward
     if config.loss.augmented:
         target_side = unique_fraction * 2 * h * v
@@ -116,76 +111,6 @@ def training_flops_per_token(config: Config, vocab_size: int, unique_fraction: f
         if not config.loss.detach_target:
             total += 2 * target_side  # gradient into L through ỹ
     return total
-
-
-class NaiveReference(nn.Module):
-    """The same LM written the obvious way: nn.LSTM, plain dropout, nn.Linear."""
-
-    def __init__(self, config: Config, vocab_size: int):
-        super().__init__()
-        size, layers, p = config.model.hidden_size, config.model.num_layers, config.model.dropout
-        self.embedding = nn.Embedding(vocab_size, size)
-        self.lstm = nn.LSTM(size, size, layers, dropout=p if layers > 1 else 0.0)
-        self.drop = nn.Dropout(p)
-        self.decoder = output_layer(self.embedding, config.model.tie_weights, config.model.has_output_bias())
-        init_uniform(self, config.model.init_range)
-
-    def init_state(self, batch_size: int):
-        shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
-        weight = self.embedding.weight
-        return weight.new_zeros(shape), weight.new_zeros(shape)
-
-    def forward(self, tokens, state):
-        output, state = self.lstm(self.drop(self.embedding(tokens)), state)
-        return F.linear(self.drop(output), self.decoder.weight), state  # bias-free; added in the loss
-
-
-class NaiveRHN(nn.Module):
-    """The RHN written the obvious way (as in Zilly et al.'s code): separate H and T products per
-    micro-step, autograd through the loop, the four dropouts drawn with plain tensor ops."""
-
-    def __init__(self, config: Config, vocab_size: int):
-        super().__init__()
-        model = config.model
-        size = model.hidden_size
-        self.config = model
-        self.embedding = nn.Embedding(vocab_size, size)
-        self.input_h, self.input_t = nn.Linear(size, size, bias=False), nn.Linear(size, size, bias=False)
-        self.micro_h = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
-        self.micro_t = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
-        self.decoder = output_layer(self.embedding, model.tie_weights, model.has_output_bias())
-        init_uniform(self, model.init_range)
-        for layer in self.micro_t:
-            nn.init.constant_(layer.bias, model.transform_bias)
-
-    def init_state(self, batch_size: int):
-        return (self.embedding.weight.new_zeros(1, batch_size, self.config.hidden_size),)
-
-    def forward(self, tokens, state):
-        config = self.config
-        steps, batch = tokens.shape
-        size = config.hidden_size
-
-        def mask(shape, p):
-            keep = 1.0 - (p if self.training else 0.0)
-            return torch.bernoulli(torch.full(shape, keep, device=tokens.device)) / keep
-
-        words = mask((batch, self.embedding.num_embeddings), config.embedding_dropout)
-        word_mask = words.gather(1, tokens.t()).t().unsqueeze(-1)
-        x = self.embedding(tokens) * word_mask * mask((batch, size), config.input_dropout)
-        h_mask, o_mask = mask((batch, size), config.recurrent_dropout), mask((batch, size), config.output_dropout)
-        s, outputs = state[0][0], []
-        for t in range(steps):
-            for layer in range(config.depth):
-                dropped = s * h_mask
-                g_h, g_t = self.micro_h[layer](dropped), self.micro_t[layer](dropped)
-                if layer == 0:
-                    g_h, g_t = g_h + self.input_h(x[t]), g_t + self.input_t(x[t])
-                gate = torch.sigmoid(g_t)
-                s = torch.tanh(g_h) * gate + s * (1 - gate)
-            outputs.append(s)
-        output = torch.stack(outputs) * o_mask
-        return F.linear(output, self.decoder.weight), (s.unsqueeze(0),)
 
 
 def naive_step(model: nn.Module, optimizer, config: Config, inputs, targets, state):
@@ -260,7 +185,7 @@ class Workload:
 
     def naive(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(self.config.seed)
-        naive_class = NaiveRHN if self.config.model.architecture == "rhn" else NaiveReference
+        naive_class = ARCHITECTURES[self.config.model.architecture].naive_reference
         model = naive_class(self.config, self.vocab_size).to(self.device).train()
         return model, torch.optim.SGD(model.parameters(), lr=self.config.train.lr)
 
@@ -332,7 +257,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
         "matmul_peak_gflops": peaks,
         "fraction_of_peak": achieved / peaks[precision],
     }
-    if reference and config.model.architecture != "transformer":  # no naive reference for the transformer
+    if reference and ARCHITECTURES[config.model.architecture].naive_reference is not None:
         naive, optimizer = work.naive()
         naive_state = [naive.init_state(config.data.batch_size)]
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tiedlm import validate
 from tiedlm.errors import TiedlmError
@@ -28,47 +29,48 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
-def _choice(*values: str) -> dict:
+def choice(*values: str) -> dict:
     return {"choices": values}
 
 
-def _range(
+def value_range(
     low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
 ) -> dict:
+    """A field's bounds, checked when a config is read (``metadata=value_range(1)``: at least 1)."""
     return {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
 
 
 @dataclass
 class DataConfig:
     corpus: str = "ptb"  # a bundled corpus ("ptb", "wikitext-2") or a directory with train/valid/test.txt
-    batch_size: int = field(default=20, metadata=_range(1))
-    bptt: int = field(default=35, metadata=_range(1))
-    eval_batch_size: int = field(default=10, metadata=_range(1))
+    batch_size: int = field(default=20, metadata=value_range(1))
+    bptt: int = field(default=35, metadata=value_range(1))
+    eval_batch_size: int = field(default=10, metadata=value_range(1))
 
 
 @dataclass
 class ModelConfig:
-    architecture: str = field(default="lstm", metadata=_choice("lstm", "rhn", "transformer"))
-    hidden_size: int = field(default=200, metadata=_range(1))  # = embedding size (docs/method.md §2)
-    num_layers: int = field(default=2, metadata=_range(1))
-    dropout: float = field(default=0.3, metadata=_range(0.0, 1.0, high_open=True))  # drop probability
-    dropout_mode: str = field(default="exact", metadata=_choice("exact", "fast"))
+    """The settings every architecture shares (the LSTM's are exactly these).
+
+    Each architecture registers its own subclass with the fields only it reads
+    (``RHNConfig`` in tiedlm/models/rhn.py, ``TransformerConfig`` in tiedlm/models/transformer.py);
+    a file's ``[model]`` table stays flat, and ``architecture`` picks the class that reads it.
+    ``unused`` names the shared fields a subclass does not read: a file may set them only to
+    their defaults, which every saved config.json carries (the flat table is written whole).
+    """
+
+    unused: ClassVar[tuple[str, ...]] = ()
+
+    architecture: str = "lstm"  # one of tiedlm.models.ARCHITECTURES, checked when a config is read
+    hidden_size: int = field(default=200, metadata=value_range(1))  # = embedding size (docs/method.md §2)
+    num_layers: int = field(default=2, metadata=value_range(1))
+    dropout: float = field(default=0.3, metadata=value_range(0.0, 1.0, high_open=True))  # drop probability
+    dropout_mode: str = field(default="exact", metadata=choice("exact", "fast"))
     tie_weights: bool = True
     # The decoder's bias: "auto" = a bias only when untied (the paper's pairing, docs/method.md §2);
     # "on" / "off" force it either way (an ablation of what the missing bias costs a tied model).
-    output_bias: str = field(default="auto", metadata=_choice("auto", "on", "off"))
-    init_range: float = field(default=0.1, metadata=_range(0.0))
-    # RHN only (Zilly et al.; docs/method.md §5): recurrence depth, the four drop probabilities
-    # (x: whole words, i: input, h: recurrent, o: output) and the transform-gate bias at start.
-    depth: int = field(default=10, metadata=_range(1))
-    embedding_dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, high_open=True))
-    input_dropout: float = field(default=0.75, metadata=_range(0.0, 1.0, high_open=True))
-    recurrent_dropout: float = field(default=0.25, metadata=_range(0.0, 1.0, high_open=True))
-    output_dropout: float = field(default=0.75, metadata=_range(0.0, 1.0, high_open=True))
-    transform_bias: float = -2.0
-    # Transformer only: attention heads, and how many previous tokens a window attends to.
-    num_heads: int = field(default=4, metadata=_range(1))
-    context_size: int = field(default=64, metadata=_range(0))
+    output_bias: str = field(default="auto", metadata=choice("auto", "on", "off"))
+    init_range: float = field(default=0.1, metadata=value_range(0.0))
 
     def has_output_bias(self) -> bool:
         """Whether the decoder has a bias: ``output_bias``, where "auto" means only when untied."""
@@ -78,34 +80,34 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     augmented: bool = False
-    tau: float = field(default=20.0, metadata=_range(0.0, low_open=True))  # the KL divides by τ
-    gamma: float = field(default=0.5, metadata=_range(0.0))
+    tau: float = field(default=20.0, metadata=value_range(0.0, low_open=True))  # the KL divides by τ
+    gamma: float = field(default=0.5, metadata=value_range(0.0))
     detach_target: bool = False  # results/ablations.md: a trainable target did better
 
 
 @dataclass
 class TrainConfig:
-    lr: float = field(default=1.0, metadata=_range(0.0))
-    lr_decay: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    lr_decay_start: int = field(default=5, metadata=_range(1))  # first epoch whose lr is decayed
-    clip: float = field(default=5.0, metadata=_range(0.0))  # global gradient norm; 0 = no clipping
-    optimizer: str = field(default="sgd", metadata=_choice("sgd", "adamw"))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0))  # SGD: L2 penalty; AdamW: decoupled decay
-    max_epochs: int = field(default=40, metadata=_range(1))
-    patience: int = field(default=5, metadata=_range(1))  # epochs without a better validation ppl
-    max_steps_per_epoch: int = field(default=0, metadata=_range(0))  # 0 = the whole training split
+    lr: float = field(default=1.0, metadata=value_range(0.0))
+    lr_decay: float = field(default=0.9, metadata=value_range(0.0, 1.0))
+    lr_decay_start: int = field(default=5, metadata=value_range(1))  # first epoch whose lr is decayed
+    clip: float = field(default=5.0, metadata=value_range(0.0))  # global gradient norm; 0 = no clipping
+    optimizer: str = field(default="sgd", metadata=choice("sgd", "adamw"))
+    weight_decay: float = field(default=0.0, metadata=value_range(0.0))  # SGD: L2 penalty; AdamW: decoupled decay
+    max_epochs: int = field(default=40, metadata=value_range(1))
+    patience: int = field(default=5, metadata=value_range(1))  # epochs without a better validation ppl
+    max_steps_per_epoch: int = field(default=0, metadata=value_range(0))  # 0 = the whole training split
     # Stop before an epoch that would end past this many minutes of training (0 = no limit).
-    time_limit_minutes: float = field(default=0.0, metadata=_range(0.0))
-    nonfinite_patience: int = field(default=5, metadata=_range(1))  # consecutive NaN/inf steps before a rollback
+    time_limit_minutes: float = field(default=0.0, metadata=value_range(0.0))
+    nonfinite_patience: int = field(default=5, metadata=value_range(1))  # consecutive NaN/inf steps before a rollback
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     # bf16 = autocast matmuls; auto = bf16 only where it is native (tiedlm/precision.py)
-    precision: str = field(default="fp32", metadata=_choice("fp32", "bf16", "auto"))
+    precision: str = field(default="fp32", metadata=choice("fp32", "bf16", "auto"))
     # torch.compile what wins on a CPU (benchmarks/COMPILE.md): the augmented loss's fused (tokens x |V|) work
     compile: bool = False
     compile_model: bool = False  # also torch.compile the model's forward (slower on PTB small on a CPU)
     # Replay each training window from a CUDA graph (tiedlm/cuda_graph.py): "auto" = on a CUDA device for
     # an exact-mask LSTM in one process, else eager; "on" = required (an error where it cannot); "off" = eager.
-    cuda_graph: str = field(default="auto", metadata=_choice("auto", "on", "off"))
+    cuda_graph: str = field(default="auto", metadata=choice("auto", "on", "off"))
     tensorboard: bool = True  # also log every epoch to RUN/tensorboard/ when `tensorboard` is installed
     # Start from the weights of another run's best/ (or of a checkpoint folder); optimizer, schedule,
     # epochs and early stopping start afresh: the paper's second training stage for PTB small.
@@ -122,13 +124,13 @@ class PaperConfig:
     # How many training stages the paper's number took: stage k > 1 starts from stage k-1's best
     # weights with a fresh schedule (train.init_from). `tiedlm reproduce` follows it; `tiedlm train`
     # trains one stage. The paper's footnote 4: 2 for its small PTB models (docs/method.md).
-    stages: int = field(default=1, metadata=_range(1))
+    stages: int = field(default=1, metadata=value_range(1))
 
 
 @dataclass
 class Config:
     name: str = "run"
-    seed: int = field(default=1, metadata=_range(SEED_MIN, SEED_MAX))  # what torch.manual_seed accepts
+    seed: int = field(default=1, metadata=value_range(SEED_MIN, SEED_MAX))  # what torch.manual_seed accepts
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -136,7 +138,65 @@ class Config:
     paper: PaperConfig = field(default_factory=PaperConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as TOML/JSON tables; ``model`` is the flat table every config.json has held."""
+        return dataclasses.asdict(self) | {"model": model_table(self.model)}
+
+
+def _model_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Every key of the flat ``[model]`` table: (field, type) of the architecture that has it."""
+    from tiedlm.models import table_fields  # imported here: the models import this module
+
+    return table_fields()
+
+
+def _architecture_choice() -> dict:
+    from tiedlm.models import ARCHITECTURES
+
+    return choice(*ARCHITECTURES)
+
+
+def model_table(model: ModelConfig) -> dict[str, Any]:
+    """The flat ``[model]`` table of ``model``: every architecture's keys, in file order, the ones
+    ``model`` does not have at their defaults (so a config.json reads the same at any commit)."""
+    from tiedlm.models import field_default
+
+    own = {f.name for f in dataclasses.fields(model)}
+    return {
+        name: getattr(model, name) if name in own else field_default(spec)
+        for name, (spec, _) in _model_fields().items()
+    }
+
+
+def _model_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
+    """The ``[model]`` table as the settings class of its ``architecture`` (tiedlm.models registry).
+
+    Another architecture's key is taken only at its default (and then dropped): a saved
+    config.json holds the whole flat table.
+    """
+    from tiedlm.models import ARCHITECTURES, field_default, settings
+
+    architecture = _coerce(where, "model.architecture", raw.get("architecture", "lstm"), str, _architecture_choice())
+    cls = ARCHITECTURES[architecture].config_class
+    own = settings(cls)
+    every = _model_fields()
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        name = f"model.{key}"
+        if key in own:
+            spec = next(f for f in dataclasses.fields(cls) if f.name == key)
+            values[key] = _coerce(where, name, value, hints[key], spec.metadata)
+        elif key in every:
+            spec, kind = every[key]
+            if _coerce(where, name, value, kind, spec.metadata) != field_default(spec):
+                owners = [a for a, model in ARCHITECTURES.items() if key in settings(model.config_class)]
+                raise TiedlmError(
+                    f"{where}: unknown key {name!r} for model.architecture {architecture!r} "
+                    f"(a key of {', '.join(owners)})"
+                )
+        else:
+            raise _unknown(where, name, own)
+    return cls(**values)
 
 
 def _section_classes() -> dict[str, type]:
@@ -200,7 +260,8 @@ def config_from_dict(raw: dict[str, Any], where: str) -> Config:
         if key in sections:
             if not isinstance(value, dict):
                 raise TiedlmError(f"{where}: '{key}' must be a table ([{key}])")
-            kwargs[key] = _section_from_dict(sections[key], key, value, where)
+            read = _model_from_dict if key == "model" else functools.partial(_section_from_dict, sections[key], key)
+            kwargs[key] = read(value, where)
         elif key in top_fields:
             kwargs[key] = _coerce(where, key, value, top_hints[key], top_fields[key].metadata)
         else:
@@ -257,11 +318,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             kind, meta = top[path[0]], top_fields[path[0]].metadata
             merged[path[0]] = _coerce(where, path[0], _parse_value(value_text, kind), kind, meta)
         elif len(path) == 2 and path[0] in sections:
-            hints = typing.get_type_hints(sections[path[0]])
-            if path[1] not in hints:
-                raise _unknown(where, ".".join(path), list(hints))
-            meta = {f.name: f for f in dataclasses.fields(sections[path[0]])}[path[1]].metadata
-            value = _coerce(where, ".".join(path), _parse_value(value_text, hints[path[1]]), hints[path[1]], meta)
+            # [model] keys of every architecture; whether the config's reads this one is the file's check
+            if path[0] == "model":
+                known = _model_fields()
+            else:
+                hints = typing.get_type_hints(sections[path[0]])
+                known = {f.name: (f, hints[f.name]) for f in dataclasses.fields(sections[path[0]])}
+            if path[1] not in known:
+                raise _unknown(where, ".".join(path), list(known))
+            spec, kind = known[path[1]]
+            meta = _architecture_choice() if path == ["model", "architecture"] else spec.metadata
+            value = _coerce(where, ".".join(path), _parse_value(value_text, kind), kind, meta)
             section = merged.get(path[0])
             merged[path[0]] = (dict(section) if isinstance(section, dict) else {}) | {path[1]: value}
         else:

@@ -1,14 +1,21 @@
-"""Language-model architectures. Each returns ``(logits, new_state)`` from ``forward``."""
+"""Language-model architectures, one file each; every one is a :class:`LanguageModel` (models/base.py)
+registered under its ``model.architecture`` name, and returns ``(logits, new_state)`` from ``forward``."""
+
+import importlib
+import pkgutil
 
 from torch import nn
 
 from tiedlm.config import ModelConfig
 from tiedlm.errors import TiedlmError
+from tiedlm.models.base import ARCHITECTURES, LanguageModel, field_default, register, settings, table_fields
 from tiedlm.models.lstm import LSTMLanguageModel
-from tiedlm.models.rhn import RHNLanguageModel
-from tiedlm.models.transformer import TransformerLanguageModel
+from tiedlm.models.rhn import RHNConfig, RHNLanguageModel
+from tiedlm.models.transformer import TransformerConfig, TransformerLanguageModel
 
-ARCHITECTURES = {"lstm": LSTMLanguageModel, "rhn": RHNLanguageModel, "transformer": TransformerLanguageModel}
+# Every other module of this package registers itself on import: a new architecture is one new file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def parameter_count(config: ModelConfig, vocab_size: int) -> int:
@@ -16,14 +23,8 @@ def parameter_count(config: ModelConfig, vocab_size: int) -> int:
 
     tests/test_validation.py checks it against the built models of every architecture.
     """
-    h, v = config.hidden_size, vocab_size
-    shared = v * h + (0 if config.tie_weights else v * h) + (v if config.has_output_bias() else 0)
-    if config.architecture == "lstm":  # W_ih, W_hh (4H × H each) and their two biases, per layer
-        return shared + config.num_layers * (8 * h * h + 8 * h)
-    if config.architecture == "rhn":  # [W_H; W_T], then [R_H; R_T] and [b_H; b_T] per micro-step
-        return shared + 2 * h * h + config.depth * (2 * h * h + 2 * h)
-    # transformer: attention 4H² + 4H, feed-forward 8H² + 5H, two LayerNorms 4H, per block; final LayerNorm
-    return shared + config.num_layers * (12 * h * h + 13 * h) + 2 * h
+    architecture = ARCHITECTURES[config.architecture]
+    return architecture.parameter_count(architecture.settings(config), vocab_size)
 
 
 def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
@@ -35,12 +36,14 @@ def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
     """
     from tiedlm.runtime import available_memory
 
-    count = parameter_count(config, vocab_size)
+    architecture = ARCHITECTURES[config.architecture]
+    config = architecture.settings(config)
+    count = architecture.parameter_count(config, vocab_size)
     available = available_memory()
     if available is not None and 4 * count > available:
         raise _too_large(config, vocab_size, count, available)
     try:
-        return ARCHITECTURES[config.architecture](config, vocab_size)
+        return architecture(config, vocab_size)
     except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate memory"
         if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower():
             raise
@@ -48,9 +51,7 @@ def build_model(config: ModelConfig, vocab_size: int) -> nn.Module:
 
 
 def _too_large(config: ModelConfig, vocab_size: int, count: int, available: int | None) -> TiedlmError:
-    layers = (
-        f"model.depth = {config.depth}" if config.architecture == "rhn" else f"model.num_layers = {config.num_layers}"
-    )
+    layers = ARCHITECTURES[config.architecture].size_setting(config)
     memory = f"the {available / 2**30:.1f} GiB of memory available" if available else "the memory available"
     return TiedlmError(
         f"model.hidden_size = {config.hidden_size}: with {layers} and |V| = {vocab_size} the model has "
@@ -58,4 +59,18 @@ def _too_large(config: ModelConfig, vocab_size: int, count: int, available: int 
     )
 
 
-__all__ = ["LSTMLanguageModel", "RHNLanguageModel", "TransformerLanguageModel", "build_model", "parameter_count"]
+__all__ = [
+    "ARCHITECTURES",
+    "LSTMLanguageModel",
+    "LanguageModel",
+    "RHNConfig",
+    "RHNLanguageModel",
+    "TransformerConfig",
+    "TransformerLanguageModel",
+    "build_model",
+    "field_default",
+    "parameter_count",
+    "register",
+    "settings",
+    "table_fields",
+]

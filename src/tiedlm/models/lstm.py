@@ -19,9 +19,11 @@ each mask across the batch, which lets the recurrent mask be folded into the
 columns of W_hh and the fused LSTM kernel run unchanged. In evaluation both
 modes are the same deterministic network on the fused kernel.
 
-With ``tie_weights`` the decoder weight *is* the embedding matrix (RE), and
-``model.output_bias`` decides whether it has a bias (docs/method.md §2); hidden
-size must then equal embedding size, which it always does here.
+With ``tie_weights`` the decoder weight *is* the embedding matrix (RE). Tied or
+not, the decoder may have a bias b (``model.output_bias``: by default only an
+untied one, docs/method.md §2), exposed as ``model.output_bias``;
+``include_bias=False`` gives the bias-free W·h the augmented loss needs. Hidden
+size must equal embedding size for tying, which it always does here.
 """
 
 from __future__ import annotations
@@ -32,31 +34,61 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from tiedlm.config import ModelConfig
+from tiedlm.config import Config, ModelConfig
 from tiedlm.dropout import variational_mask
+from tiedlm.models.base import LanguageModel, embedding_and_decoder_parameters, register
 from tiedlm.models.common import init_uniform, linear, output_layer, weight_grad
 from tiedlm.precision import cpu_features, fused_lstm
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H)
 
 
-class LSTMLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vocab_size: int):
+class NaiveLSTM(nn.Module):
+    """The same LM written the obvious way, `tiedlm bench`'s reference: nn.LSTM, plain dropout, nn.Linear."""
+
+    def __init__(self, config: Config, vocab_size: int):
         super().__init__()
-        self.config = config
+        size, layers, p = config.model.hidden_size, config.model.num_layers, config.model.dropout
+        self.embedding = nn.Embedding(vocab_size, size)
+        self.lstm = nn.LSTM(size, size, layers, dropout=p if layers > 1 else 0.0)
+        self.drop = nn.Dropout(p)
+        self.decoder = output_layer(self.embedding, config.model.tie_weights, config.model.has_output_bias())
+        init_uniform(self, config.model.init_range)
+
+    def init_state(self, batch_size: int):
+        shape = (self.lstm.num_layers, batch_size, self.lstm.hidden_size)
+        weight = self.embedding.weight
+        return weight.new_zeros(shape), weight.new_zeros(shape)
+
+    def forward(self, tokens, state):
+        output, state = self.lstm(self.drop(self.embedding(tokens)), state)
+        return nn.functional.linear(self.drop(output), self.decoder.weight), state  # bias-free; added in the loss
+
+
+@register("lstm")
+class LSTMLanguageModel(LanguageModel):
+    """The VD-LSTM; its settings are exactly the shared ones (``ModelConfig``)."""
+
+    config_class = ModelConfig
+    naive_reference = NaiveLSTM
+
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__(config)
         size = config.hidden_size
         self.embedding = nn.Embedding(vocab_size, size)
         self.layers = nn.ModuleList(nn.LSTM(size, size) for _ in range(config.num_layers))
         self.decoder = output_layer(self.embedding, config.tie_weights, config.has_output_bias())
         init_uniform(self, config.init_range)
-        self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
-        # Under data parallelism: (start, stop, B). Masks are drawn for all B streams and rows
-        # start:stop kept, so every rank sees the masks one process would (see distributed.py).
-        self.mask_batch: tuple[int, int, int] | None = None
 
-    @property
-    def output_bias(self) -> torch.Tensor | None:
-        return self.decoder.bias
+    @classmethod
+    def parameter_count(cls, config: ModelConfig, vocab_size: int) -> int:
+        h = config.hidden_size  # W_ih, W_hh (4H × H each) and their two biases, per layer
+        return embedding_and_decoder_parameters(config, vocab_size) + config.num_layers * (8 * h * h + 8 * h)
+
+    @classmethod
+    def forward_flops_per_token(cls, config: ModelConfig, vocab_size: int, *, bptt: int) -> float:
+        h = config.hidden_size  # [W_ih W_hh] (4H × 2H) per layer, then the decoder
+        return config.num_layers * 2 * (4 * h) * (2 * h) + 2 * h * vocab_size
 
     def init_state(self, batch_size: int) -> State:
         weight = self.embedding.weight
@@ -69,21 +101,29 @@ class LSTMLanguageModel(nn.Module):
         """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step.
 
         ``include_bias=False`` returns the bias-free W·h that the augmented loss needs.
-        ``masks`` (training only): the window's masks, drawn beforehand with :meth:`sample_masks`
+        ``masks`` (training only): the window's masks, drawn beforehand with :meth:`window_masks`
         (the captured training step draws them outside its CUDA graph); None draws them here.
         """
         x = self.embedding(tokens)  # (T, B, d)
         if self.training and self.config.dropout > 0:
-            rows = 1 if self.config.dropout_mode == "fast" else tokens.size(1)
-            if masks is None:
-                masks = self.sample_masks(rows, x.device, x.dtype)
+            masks = self.window_masks(tokens) if masks is None else masks
             h = self.run_layers(x, state, masks, fused=self.config.dropout_mode == "fast")
         else:
             h = self.run_layers(x, state, None, fused=True)
         output, new_state = h
-        bias = self.decoder.bias if include_bias else None
-        logits = linear(output, self.decoder.weight, bias)  # (T, B, |V|)
-        return logits, new_state
+        return self.decode(output, include_bias=include_bias), new_state  # (T, B, |V|)
+
+    def decode(self, hidden: torch.Tensor, *, include_bias: bool = True) -> torch.Tensor:
+        """W·h (+ b), its weight gradient in the faster GEMM layout on a CPU (models/common.linear)."""
+        return linear(hidden, self.decoder.weight, self.decoder.bias if include_bias else None)
+
+    def window_masks(self, tokens: torch.Tensor) -> list[torch.Tensor] | None:
+        """m_0 … m_n of :meth:`sample_masks` for a window of ``tokens`` (T, B), exactly as forward draws them."""
+        if not self.training or self.config.dropout <= 0:
+            return None
+        rows = 1 if self.config.dropout_mode == "fast" else tokens.size(1)
+        weight = self.embedding.weight
+        return self.sample_masks(rows, weight.device, weight.dtype)
 
     def sample_masks(self, rows: int, device, dtype) -> list[torch.Tensor]:
         """Masks m_0 (inputs) and m_1..m_n (layer outputs), each (rows, H)."""

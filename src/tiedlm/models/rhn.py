@@ -30,20 +30,91 @@ the whole gradient of R.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from tiedlm.config import ModelConfig
+from tiedlm.config import Config, ModelConfig, value_range
 from tiedlm.dropout import variational_mask
+from tiedlm.models.base import LanguageModel, embedding_and_decoder_parameters, register
 from tiedlm.models.common import init_uniform, output_layer
 
 State = tuple[torch.Tensor]
 
 
-class RHNLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vocab_size: int):
+@dataclass
+class RHNConfig(ModelConfig):
+    """The RHN's settings (Zilly et al.; docs/method.md §5): recurrence depth, the four drop probabilities
+    (x: whole words, i: input, h: recurrent, o: output) and the transform-gate bias at start. It is one
+    recurrent layer (``num_layers`` is not read) and ``dropout`` gives way to the four."""
+
+    unused = ("dropout",)
+
+    architecture: str = "rhn"
+    depth: int = field(default=10, metadata=value_range(1))
+    embedding_dropout: float = field(default=0.25, metadata=value_range(0.0, 1.0, high_open=True))
+    input_dropout: float = field(default=0.75, metadata=value_range(0.0, 1.0, high_open=True))
+    recurrent_dropout: float = field(default=0.25, metadata=value_range(0.0, 1.0, high_open=True))
+    output_dropout: float = field(default=0.75, metadata=value_range(0.0, 1.0, high_open=True))
+    transform_bias: float = -2.0
+
+
+class NaiveRHN(nn.Module):
+    """The RHN written the obvious way (as in Zilly et al.'s code): separate H and T products per
+    micro-step, autograd through the loop, the four dropouts drawn with plain tensor ops."""
+
+    def __init__(self, config: Config, vocab_size: int):
         super().__init__()
-        self.config = config
+        model = config.model
+        size = model.hidden_size
+        self.config = model
+        self.embedding = nn.Embedding(vocab_size, size)
+        self.input_h, self.input_t = nn.Linear(size, size, bias=False), nn.Linear(size, size, bias=False)
+        self.micro_h = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
+        self.micro_t = nn.ModuleList(nn.Linear(size, size) for _ in range(model.depth))
+        self.decoder = output_layer(self.embedding, model.tie_weights, model.has_output_bias())
+        init_uniform(self, model.init_range)
+        for layer in self.micro_t:
+            nn.init.constant_(layer.bias, model.transform_bias)
+
+    def init_state(self, batch_size: int):
+        return (self.embedding.weight.new_zeros(1, batch_size, self.config.hidden_size),)
+
+    def forward(self, tokens, state):
+        config = self.config
+        steps, batch = tokens.shape
+        size = config.hidden_size
+
+        def mask(shape, p):
+            keep = 1.0 - (p if self.training else 0.0)
+            return torch.bernoulli(torch.full(shape, keep, device=tokens.device)) / keep
+
+        words = mask((batch, self.embedding.num_embeddings), config.embedding_dropout)
+        word_mask = words.gather(1, tokens.t()).t().unsqueeze(-1)
+        x = self.embedding(tokens) * word_mask * mask((batch, size), config.input_dropout)
+        h_mask, o_mask = mask((batch, size), config.recurrent_dropout), mask((batch, size), config.output_dropout)
+        s, outputs = state[0][0], []
+        for t in range(steps):
+            for layer in range(config.depth):
+                dropped = s * h_mask
+                g_h, g_t = self.micro_h[layer](dropped), self.micro_t[layer](dropped)
+                if layer == 0:
+                    g_h, g_t = g_h + self.input_h(x[t]), g_t + self.input_t(x[t])
+                gate = torch.sigmoid(g_t)
+                s = torch.tanh(g_h) * gate + s * (1 - gate)
+            outputs.append(s)
+        output = torch.stack(outputs) * o_mask
+        return nn.functional.linear(output, self.decoder.weight), (s.unsqueeze(0),)  # bias-free, as in bench
+
+
+@register("rhn")
+class RHNLanguageModel(LanguageModel):
+    config_class = RHNConfig
+    naive_reference = NaiveRHN
+
+    def __init__(self, config: RHNConfig, vocab_size: int):
+        super().__init__(config)
         size, depth = config.hidden_size, config.depth
         self.embedding = nn.Embedding(vocab_size, size)
         self.input_weight = nn.Parameter(torch.empty(2 * size, size))  # [W_H; W_T], first micro-step only
@@ -53,12 +124,20 @@ class RHNLanguageModel(nn.Module):
         init_uniform(self, config.init_range)
         with torch.no_grad():
             self.recurrent_bias[:, size:].fill_(config.transform_bias)
-        self.mask_generator: torch.Generator | None = None  # set by the trainer for reproducible masks
-        self.mask_batch: tuple[int, int, int] | None = None  # (start, stop, B) under data parallelism
 
-    @property
-    def output_bias(self) -> torch.Tensor | None:
-        return self.decoder.bias
+    @classmethod
+    def parameter_count(cls, config: RHNConfig, vocab_size: int) -> int:
+        h = config.hidden_size  # [W_H; W_T], then [R_H; R_T] and [b_H; b_T] per micro-step
+        return embedding_and_decoder_parameters(config, vocab_size) + 2 * h * h + config.depth * (2 * h * h + 2 * h)
+
+    @classmethod
+    def forward_flops_per_token(cls, config: RHNConfig, vocab_size: int, *, bptt: int) -> float:
+        h = config.hidden_size  # the input projection, D micro-steps, the decoder
+        return 2 * (2 * h) * h * (1 + config.depth) + 2 * h * vocab_size
+
+    @classmethod
+    def size_setting(cls, config: RHNConfig) -> str:
+        return f"model.depth = {config.depth}"
 
     def init_state(self, batch_size: int) -> State:
         return (self.embedding.weight.new_zeros(1, batch_size, self.config.hidden_size),)
@@ -83,11 +162,18 @@ class RHNLanguageModel(nn.Module):
             "o": mask(size, config.output_dropout),
         }
 
-    def forward(self, tokens: torch.Tensor, state: State, *, include_bias: bool = True) -> tuple[torch.Tensor, State]:
-        """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step."""
+    def window_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The masks of :meth:`sample_masks` for a training window; None in evaluation."""
+        return self.sample_masks(tokens, self.embedding.weight.dtype) if self.training else None
+
+    def forward(
+        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: dict | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step; ``masks`` from
+        :meth:`window_masks` (None draws them here)."""
         x = self.embedding(tokens)  # (T, B, n)
         dtype = self.recurrent_weight.dtype
-        masks = self.sample_masks(tokens, x.dtype) if self.training else None
+        masks = (self.window_masks(tokens) if masks is None else masks) if self.training else None
         if masks is not None:
             x = x * masks["x"] * masks["i"]
         steps, batch, size = x.shape
@@ -99,9 +185,7 @@ class RHNLanguageModel(nn.Module):
         )
         if masks is not None:
             outputs = outputs * masks["o"]
-        bias = self.decoder.bias if include_bias else None
-        logits = nn.functional.linear(outputs, self.decoder.weight, bias)
-        return logits, (last.unsqueeze(0),)
+        return self.decode(outputs, include_bias=include_bias), (last.unsqueeze(0),)
 
 
 class HighwayRecurrence(torch.autograd.Function):

@@ -17,14 +17,29 @@ on the embeddings, the attention weights and the feed-forward layers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from tiedlm.config import ModelConfig
+from tiedlm.config import ModelConfig, value_range
+from tiedlm.errors import TiedlmError
+from tiedlm.models.base import LanguageModel, embedding_and_decoder_parameters, register
 from tiedlm.models.common import output_layer
 
 State = tuple[torch.Tensor]
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    """The Transformer's settings: attention heads, and how many previous tokens a window attends to.
+    Its dropout is plain dropout (``dropout_mode`` is not read)."""
+
+    unused = ("dropout_mode",)
+
+    architecture: str = "transformer"
+    num_heads: int = field(default=4, metadata=value_range(1))
+    context_size: int = field(default=64, metadata=value_range(0))
 
 
 def sinusoidal_positions(length: int, size: int, device, dtype) -> torch.Tensor:
@@ -37,14 +52,16 @@ def sinusoidal_positions(length: int, size: int, device, dtype) -> torch.Tensor:
     return codes.to(dtype)
 
 
-class TransformerLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vocab_size: int):
-        super().__init__()
-        self.config = config
+@register("transformer")
+class TransformerLanguageModel(LanguageModel):
+    """Its dropout draws from torch's RNG as it goes: ``window_masks`` is None, ``use_masks`` has no effect."""
+
+    config_class = TransformerConfig
+
+    def __init__(self, config: TransformerConfig, vocab_size: int):
+        super().__init__(config)
         size = config.hidden_size
         if size % config.num_heads:
-            from tiedlm.errors import TiedlmError
-
             raise TiedlmError(f"model.hidden_size {size} is not divisible by model.num_heads {config.num_heads}")
         self.embedding = nn.Embedding(vocab_size, size)
         self.drop = nn.Dropout(config.dropout)
@@ -61,17 +78,26 @@ class TransformerLanguageModel(nn.Module):
                 nn.init.uniform_(parameter, -config.init_range, config.init_range)
             elif "norm" not in name:
                 nn.init.zeros_(parameter)
-        self.mask_generator: torch.Generator | None = None  # unused: plain dropout draws from torch's RNG
-        self.mask_batch: tuple[int, int, int] | None = None
 
-    @property
-    def output_bias(self) -> torch.Tensor | None:
-        return self.decoder.bias
+    @classmethod
+    def parameter_count(cls, config: TransformerConfig, vocab_size: int) -> int:
+        h = (
+            config.hidden_size
+        )  # per block: attention 4H² + 4H, feed-forward 8H² + 5H, two LayerNorms 4H; final LayerNorm
+        return embedding_and_decoder_parameters(config, vocab_size) + config.num_layers * (12 * h * h + 13 * h) + 2 * h
+
+    @classmethod
+    def forward_flops_per_token(cls, config: TransformerConfig, vocab_size: int, *, bptt: int) -> float:
+        h = config.hidden_size  # per layer: QKV + output (4h²), FFN (8h²), attention over the context
+        context = config.context_size + bptt / 2
+        return config.num_layers * (2 * 12 * h * h + 2 * 2 * context * h) + 2 * h * vocab_size
 
     def init_state(self, batch_size: int) -> State:
         return (torch.zeros(1, batch_size, 0, dtype=torch.long, device=self.embedding.weight.device),)
 
-    def forward(self, tokens: torch.Tensor, state: State, *, include_bias: bool = True) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: None = None
+    ) -> tuple[torch.Tensor, State]:
         """tokens (T, B) → logits (T, B, |V|); the state is the last context_size tokens of each stream."""
         memory = state[0][0].t().to(tokens.device)  # (M, B)
         sequence = torch.cat([memory, tokens])  # (M + T, B)
@@ -82,7 +108,6 @@ class TransformerLanguageModel(nn.Module):
         for block in self.blocks:
             x = block(x, src_mask=causal, is_causal=True)
         output = self.norm(x[memory.size(0) :])
-        bias = self.decoder.bias if include_bias else None
-        logits = nn.functional.linear(output, self.decoder.weight, bias)
+        logits = self.decode(output, include_bias=include_bias)
         kept = sequence[-self.config.context_size :] if self.config.context_size else sequence[:0]
         return logits, (kept.t().unsqueeze(0).contiguous(),)

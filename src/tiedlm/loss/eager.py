@@ -1,4 +1,4 @@
-"""Cross-entropy and the augmented loss (Inan et al. 2017, §3; docs/method.md §3).
+"""Cross-entropy and the augmented KL in hand-written blocks (Inan et al. 2017, §3; docs/method.md §3).
 
 For a token with target word y* and model logits z = W·h (bias-free):
 
@@ -23,6 +23,8 @@ with autocast disabled, each softmax with one exponential pass (its log-normalis
 largest probability), so the backward passes reuse ŷ instead of exponentiating log ŷ again;
 the target side's matrix products (L[y]·Lᵀ and the gradient into L)
 take their inputs in the logits' dtype, so bf16 training runs them in bf16 like the decoder.
+
+One file of ~400 lines: the forward and backward passes share one block layout and read best together.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 per (tokens × |V|) block: a WikiText-2 window (700 × 33,278) is one
 
 
-def _groups(
+def groups(
     targets: torch.Tensor, chunk_rows: int
 ) -> Iterator[tuple[torch.Tensor, list[tuple[torch.Tensor | slice, torch.Tensor]]]]:
     """Yield (target_ids, chunks) blocks: ``target_ids`` (U,) distinct targets and ``chunks`` a list of
@@ -64,19 +65,21 @@ def _groups(
         yield unique[u0:u1], chunks
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, product: torch.dtype) -> torch.Tensor:
+def matmul_in(a: torch.Tensor, b: torch.Tensor, product: torch.dtype) -> torch.Tensor:
     """a @ b with the inputs in ``product`` (bf16 under bf16 training), the result in a's dtype."""
     if product == a.dtype:
         return a @ b
     return (a.to(product) @ b.to(product)).to(a.dtype)
 
 
-def _target_log_probs(embedding: torch.Tensor, target_ids: torch.Tensor, tau: float, product) -> torch.Tensor:
+def target_log_probs(
+    embedding: torch.Tensor, target_ids: torch.Tensor, *, tau: float, product: torch.dtype
+) -> torch.Tensor:
     """log ỹ for each target id: log_softmax(L[y] · Lᵀ / τ), shape (U, |V|)."""
-    return torch.log_softmax(_mm(embedding[target_ids] / tau, embedding.t(), product), dim=-1)
+    return torch.log_softmax(matmul_in(embedding[target_ids] / tau, embedding.t(), product), dim=-1)
 
 
-def _scaled(logits: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
+def scaled_logits(logits: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
     """logits / τ in ``dtype``, read from bf16 logits and converted in the same pass (a one-element
     tensor takes part in type promotion, a Python number would not)."""
     return logits * torch.full((1,), 1.0 / tau, dtype=dtype, device=logits.device)
@@ -88,14 +91,14 @@ def _uniform(weights: torch.Tensor) -> float | None:
     return float(first) if weights.numel() and bool((weights == first).all()) else None
 
 
-def _softmax_and_lse(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_and_lse(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(x) and logsumexp(x) in ``dtype`` along the last dimension with one exponential pass: the
     largest probability sits where the largest entry is, so lse = max x − log max p (max p ≥ 1/|V|)."""
     p = torch.softmax(x, dim=-1, dtype=dtype)
     return p, x.amax(-1).to(dtype) - p.amax(-1).log()
 
 
-class _Block(NamedTuple):
+class Block(NamedTuple):
     """One block of the KL: tokens whose targets are ``target_ids``; (n, V) rows per token, (U, V) per unit."""
 
     target_ids: torch.Tensor  # (U,)
@@ -109,7 +112,7 @@ class _Block(NamedTuple):
     q: torch.Tensor  # (U, V) ỹ
 
 
-class _Units(NamedTuple):
+class Units(NamedTuple):
     """The target side of one unit block: log ỹ and ỹ, (U, V) each, for ``target_ids``."""
 
     target_ids: torch.Tensor
@@ -117,20 +120,23 @@ class _Units(NamedTuple):
     q: torch.Tensor
 
 
-def _units(logits, emb, tau, target_ids) -> _Units:
+def unit_block(logits, emb, *, tau: float, target_ids) -> Units:
     """ỹ of ``target_ids`` in ``emb``'s dtype, its product L[y]·Lᵀ in the logits' dtype."""
-    log_q = _target_log_probs(emb, target_ids, tau, logits.dtype)
-    return _Units(target_ids, log_q, log_q.exp())
+    log_q = target_log_probs(emb, target_ids, tau=tau, product=logits.dtype)
+    return Units(target_ids, log_q, log_q.exp())
 
 
-def _block(logits, emb, tau, units: _Units, tokens, row) -> _Block:
+def token_block(logits, emb, units: Units, *, tau: float, tokens, row) -> Block:
     """One token chunk's arrays in ``emb``'s dtype, against its unit block's ỹ."""
-    scaled = _scaled(logits[tokens], tau, emb.dtype)
-    p_hat, lse = _softmax_and_lse(scaled, emb.dtype)
-    return _Block(units.target_ids, tokens, row, p_hat, scaled, lse, units.q.index_select(0, row), units.log_q, units.q)
+    scaled = scaled_logits(logits[tokens], tau, emb.dtype)
+    p_hat, lse = softmax_and_lse(scaled, emb.dtype)
+    return Block(
+        target_ids=units.target_ids, tokens=tokens, row=row, p_hat=p_hat, scaled=scaled, lse=lse,
+        q_rows=units.q.index_select(0, row), log_q=units.log_q, q=units.q,
+    )  # fmt: skip
 
 
-def _kl_forward(logits: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, tau: float, chunk_rows: int):
+def kl_forward(logits: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, *, tau: float, chunk_rows: int):
     """Per-token KL(ỹ ‖ ŷ) in blocks; returns (kl, kept) for the backward pass.
 
     ``kept`` is the one block of a batch that fits one (ŷ and ỹ), or else the unit block's ỹ when
@@ -138,64 +144,75 @@ def _kl_forward(logits: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor, 
     The loss is computed in ``emb``'s dtype; the target side's matrix products take their inputs
     in the logits' dtype."""
     kl = emb.new_empty(logits.size(0))
-    kept: _Block | _Units | None = None
-    for index, (target_ids, chunks) in enumerate(_groups(targets, chunk_rows)):
-        units = _units(logits, emb, tau, target_ids)
+    kept: Block | Units | None = None
+    for index, (target_ids, chunks) in enumerate(groups(targets, chunk_rows)):
+        units = unit_block(logits, emb, tau=tau, target_ids=target_ids)
         neg_entropy = torch.linalg.vecdot(units.q, units.log_q)  # (U,) Σ ỹ log ỹ
         for tokens, row in chunks:
-            block = _block(logits, emb, tau, units, tokens, row)
+            block = token_block(logits, emb, units, tau=tau, tokens=tokens, row=row)
             cross = torch.linalg.vecdot(block.q_rows, block.scaled) - block.lse  # Σ ỹ log ŷ, as Σ ỹ = 1
             kl[block.tokens] = neg_entropy[block.row] - cross
             if isinstance(block.tokens, slice):  # one block: keep it for the backward pass
                 kept = block
             del block  # before the next chunk is built: one chunk's arrays at a time
-        if kept is None or isinstance(kept, _Units):
+        if kept is None or isinstance(kept, Units):
             kept = units if index == 0 else None  # ỹ of a single unit block is kept, of several not
         del units
     return kl, kept
 
 
-def _kl_backward(
-    logits, emb, targets, kl, g, tau, chunk_rows, kept, grad_z: torch.Tensor | None, want_z: bool, train_target: bool
-):
+def kl_backward(
+    logits: torch.Tensor,
+    emb: torch.Tensor,
+    targets: torch.Tensor,
+    kl: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    tau: float,
+    chunk_rows: int,
+    kept: Block | Units | None,
+    grad_z: torch.Tensor | None,
+    want_z: bool,
+    train_target: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of Σ g·KL: (ŷ − ỹ)/τ·g added into ``grad_z`` (or returned as a new tensor when it is None),
     and the gradient into L through ỹ when ``train_target``. Returns (grad_z, grad_emb).
 
-    ``kept`` is what :func:`_kl_forward` kept (a whole block, or a unit block's ỹ), else None: then
+    ``kept`` is what :func:`kl_forward` kept (a whole block, or a unit block's ỹ), else None: then
     ỹ is recomputed once per unit block and ŷ once per token chunk. ``logits`` is converted to the
     loss's dtype only when blocks are recomputed (not a kept whole block)."""
     grad_emb = None
-    whole = isinstance(kept, _Block)
+    whole = isinstance(kept, Block)
     if want_z and grad_z is None and not whole:
         grad_z = torch.zeros_like(logits, dtype=g.dtype)
     if whole:
-        unit_blocks = [(_Units(kept.target_ids, kept.log_q, kept.q), [kept])]
+        unit_blocks = [(Units(target_ids=kept.target_ids, log_q=kept.log_q, q=kept.q), [kept])]
     else:
         unit_blocks = (
-            (units, (_block(logits, emb, tau, units, tokens, row) for tokens, row in chunks))
+            (units, (token_block(logits, emb, units, tau=tau, tokens=tokens, row=row) for tokens, row in chunks))
             for units, chunks in (
-                (kept if kept is not None else _units(logits, emb, tau, target_ids), chunks)
-                for target_ids, chunks in _groups(targets, chunk_rows)
+                (kept if kept is not None else unit_block(logits, emb, tau=tau, target_ids=target_ids), chunks)
+                for target_ids, chunks in groups(targets, chunk_rows)
             )
         )
     for units, blocks in unit_blocks:
-        target = _TargetGradient(units, g.dtype) if train_target else None
+        target = TargetGradient(units, g.dtype) if train_target else None
         for block in blocks:
             weights = g[block.tokens]
             if want_z:
-                grad_z = _add_logit_gradient(grad_z, block, weights, tau)
+                grad_z = _add_logit_gradient(grad_z, block, weights=weights, tau=tau)
             if target is not None:
-                target.add(block, weights, kl)
+                target.add(block, weights=weights, kl=kl)
             del block  # before the next chunk is built
         if target is not None:
-            grad_emb = target.into(grad_emb, emb, tau, logits.dtype)
+            grad_emb = target.into(grad_emb, emb, tau=tau, product=logits.dtype)
         del units, target
     if train_target and grad_emb is None:
         grad_emb = torch.zeros_like(emb)
     return grad_z, grad_emb
 
 
-def _add_logit_gradient(grad_z, block: _Block, weights, tau):
+def _add_logit_gradient(grad_z, block: Block, *, weights: torch.Tensor, tau: float):
     """grad_z[tokens] += (ŷ − ỹ)/τ · g (a new tensor when grad_z is None and the block is whole)."""
     scale = (weights / tau).unsqueeze(1)
     tokens = block.tokens
@@ -208,7 +225,7 @@ def _add_logit_gradient(grad_z, block: _Block, weights, tau):
     return grad_z
 
 
-class _TargetGradient:
+class TargetGradient:
     """The gradient into L through ỹ of one unit block, summed over its token chunks.
 
     ∂KL_t/∂s_j = ỹ_j (log ỹ_j − log ŷ_tj − KL_t) for the scores s = L[y]·Lᵀ/τ. Summed over the tokens
@@ -217,13 +234,13 @@ class _TargetGradient:
     instead of five, and the two products with L once per unit block.
     """
 
-    def __init__(self, units: _Units, dtype):
+    def __init__(self, units: Units, dtype):
         self.units = units
         count, vocab = units.q.shape
         self.d_rows = torch.zeros(count, vocab, dtype=dtype, device=units.q.device)
         self.totals = torch.zeros(2, count, dtype=dtype, device=units.q.device)
 
-    def add(self, block: _Block, weights, kl) -> None:
+    def add(self, block: Block, *, weights: torch.Tensor, kl: torch.Tensor) -> None:
         common = _uniform(weights)
         if common is not None:  # a summed loss: every g_t alike, no weighted copy of z/τ
             self.d_rows.index_add_(0, block.row, block.scaled, alpha=-common)  # −Σ g_t z_t/τ
@@ -232,7 +249,7 @@ class _TargetGradient:
         self.totals[0].index_add_(0, block.row, weights)  # G_u
         self.totals[1].index_add_(0, block.row, weights * (kl[block.tokens] - block.lse))  # K_u − Σ g_t lse_t
 
-    def into(self, grad_emb, emb, tau, product):
+    def into(self, grad_emb, emb, *, tau: float, product: torch.dtype):
         """grad_emb + ∂/∂L of this block (grad_emb None: a new tensor): ds/τ·L into the rows L[y], dsᵀ·L[y]/τ into L."""
         units, totals = self.units, self.totals
         d_rows = self.d_rows.addcmul_(units.log_q, totals[0].unsqueeze(1)).sub_(totals[1].unsqueeze(1))
@@ -245,17 +262,17 @@ class _TargetGradient:
         return grad_emb
 
 
-def _float(tensor: torch.Tensor) -> torch.dtype:
+def loss_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _softmax_and_cross_entropy(x: torch.Tensor, targets: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_and_cross_entropy(x: torch.Tensor, targets: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(x) (N, V), kept for the backward pass, and −log softmax(x)[y] = lse − x_y per token, in dtype."""
-    p, lse = _softmax_and_lse(x, dtype)
+    p, lse = softmax_and_lse(x, dtype)
     return p, lse - x.gather(1, targets.unsqueeze(1)).squeeze(1).to(dtype)
 
 
-def _cross_entropy_grad(p: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def cross_entropy_grad(p: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """(softmax − onehot(y)) · g per token, in a fresh tensor (``p`` is left as it is)."""
     out = p * grad.unsqueeze(1)
     out[torch.arange(targets.numel(), device=targets.device), targets] -= grad
@@ -265,9 +282,9 @@ def _cross_entropy_grad(p: torch.Tensor, targets: torch.Tensor, grad: torch.Tens
 class _AugmentedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, embedding, targets, tau, chunk_rows, train_target):
-        dtype = _float(logits)
+        dtype = loss_dtype(logits)
         with torch.autocast(logits.device.type, enabled=False):
-            kl, kept = _kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
+            kl, kept = kl_forward(logits, embedding.to(dtype), targets, tau=tau, chunk_rows=chunk_rows)
         ctx.save_for_backward(logits, embedding, targets, kl)
         ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
         return kl.to(logits.dtype)
@@ -278,9 +295,10 @@ class _AugmentedKL(torch.autograd.Function):
         kept, ctx.kept = ctx.kept, None
         dtype = kl.dtype
         with torch.autocast(logits.device.type, enabled=False):
-            grad_z, grad_emb = _kl_backward(
-                logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
-                kept, None, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[1],
+            grad_z, grad_emb = kl_backward(
+                logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), tau=ctx.tau, chunk_rows=ctx.chunk_rows,
+                kept=kept, grad_z=None, want_z=ctx.needs_input_grad[0],
+                train_target=ctx.train_target and ctx.needs_input_grad[1],
             )  # fmt: skip
         grad_logits = grad_z.to(logits.dtype) if grad_z is not None else None
         grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
@@ -291,7 +309,8 @@ def cross_entropy_and_kl_function(kl_forward, kl_backward) -> type[torch.autogra
     """The autograd function for cross-entropy of z + b and KL(ỹ ‖ softmax(z/τ)) per token.
 
     ``kl_forward`` / ``kl_backward`` are the KL's block passes: this module's work over unique
-    targets, or ``tiedlm.static_loss``'s over every token (static shapes, for CUDA graphs). The
+    targets, or ``tiedlm.loss.static``'s over every token (static shapes, for CUDA graphs); both
+    take the keyword arguments of :func:`kl_forward` / :func:`kl_backward` here. The
     backward writes softmax(z + b) − onehot(y) into a fresh (N, |V|) tensor and adds (ŷ − ỹ)/τ
     into it block by block, instead of two full-size gradients and their sum.
     """
@@ -299,11 +318,11 @@ def cross_entropy_and_kl_function(kl_forward, kl_backward) -> type[torch.autogra
     class CrossEntropyAndKL(torch.autograd.Function):
         @staticmethod
         def forward(ctx, logits, bias, embedding, targets, tau, chunk_rows, train_target):
-            dtype = _float(logits)
+            dtype = loss_dtype(logits)
             with torch.autocast(logits.device.type, enabled=False):
                 shifted = logits if bias is None else logits + bias.to(dtype)  # bf16 + fp32: fp32, one pass
-                p, ce = _softmax_and_cross_entropy(shifted, targets, dtype)
-                kl, kept = kl_forward(logits, embedding.to(dtype), targets, tau, chunk_rows)
+                p, ce = softmax_and_cross_entropy(shifted, targets, dtype)
+                kl, kept = kl_forward(logits, embedding.to(dtype), targets, tau=tau, chunk_rows=chunk_rows)
             ctx.save_for_backward(logits, embedding, targets, kl, p)
             ctx.tau, ctx.chunk_rows, ctx.train_target, ctx.kept = tau, chunk_rows, train_target, kept
             ctx.has_bias = bias is not None
@@ -317,13 +336,14 @@ def cross_entropy_and_kl_function(kl_forward, kl_backward) -> type[torch.autogra
             grad_z = grad_bias = grad_emb = None
             with torch.autocast(logits.device.type, enabled=False):
                 if grad_ce is not None:
-                    grad_z = _cross_entropy_grad(p, targets, grad_ce.to(dtype))
+                    grad_z = cross_entropy_grad(p, targets, grad_ce.to(dtype))
                     if ctx.has_bias and ctx.needs_input_grad[1]:
                         grad_bias = grad_z.sum(0)
                 if grad_kl is not None:
                     grad_z, grad_emb = kl_backward(
-                        logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), ctx.tau, ctx.chunk_rows,
-                        kept, grad_z, ctx.needs_input_grad[0], ctx.train_target and ctx.needs_input_grad[2],
+                        logits, embedding.to(dtype), targets, kl, grad_kl.to(dtype), tau=ctx.tau,
+                        chunk_rows=ctx.chunk_rows, kept=kept, grad_z=grad_z, want_z=ctx.needs_input_grad[0],
+                        train_target=ctx.train_target and ctx.needs_input_grad[2],
                     )  # fmt: skip
             grad_logits = grad_z.to(logits.dtype) if grad_z is not None and ctx.needs_input_grad[0] else None
             grad_embedding = grad_emb.to(embedding.dtype) if grad_emb is not None else None
@@ -332,10 +352,10 @@ def cross_entropy_and_kl_function(kl_forward, kl_backward) -> type[torch.autogra
     return CrossEntropyAndKL
 
 
-_CrossEntropyAndKL = cross_entropy_and_kl_function(_kl_forward, _kl_backward)
+CrossEntropyAndKL = cross_entropy_and_kl_function(kl_forward, kl_backward)
 
 
-def _check_shapes(logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor) -> None:
+def check_shapes(logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor) -> None:
     if logits.dim() != 2 or targets.shape != logits.shape[:1] or embedding.size(0) != logits.size(1):
         raise ValueError(
             f"augmented_kl: expected logits (N, V), targets (N,), embedding (V, d); got "
@@ -358,7 +378,7 @@ def augmented_kl(
     With ``detach_target`` ỹ is a constant; otherwise the gradient also flows
     into L through ỹ.
     """
-    _check_shapes(logits, targets, embedding)
+    check_shapes(logits, targets, embedding)
     chunk_rows = max(1, max_chunk_elements // logits.size(1))
     return _AugmentedKL.apply(logits, embedding, targets, float(tau), chunk_rows, not detach_target)
 
@@ -369,7 +389,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets):
         with torch.autocast(logits.device.type, enabled=False):
-            p, ce = _softmax_and_cross_entropy(logits, targets, torch.float32)
+            p, ce = softmax_and_cross_entropy(logits, targets, torch.float32)
         ctx.save_for_backward(p, targets)
         ctx.input_dtype = logits.dtype
         return ce
@@ -377,7 +397,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         p, targets = ctx.saved_tensors
-        return _cross_entropy_grad(p, targets, grad).to(ctx.input_dtype), None
+        return cross_entropy_grad(p, targets, grad).to(ctx.input_dtype), None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -387,64 +407,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, bias: torch.Tenso
     if not torch.is_grad_enabled() or not logits.requires_grad:
         return F.cross_entropy(logits.float(), targets, reduction="none")
     return _CrossEntropy.apply(logits, targets)
-
-
-class AugmentedLoss(nn.Module):
-    """J_tot = CE(z + b) + γ·τ·KL(ỹ ‖ ŷ) per token (docs/method.md §3).
-
-    Call as ``loss_fn(logits, targets, embedding, bias=None)`` with bias-free
-    logits (N, |V|); returns (N,). Reduce it like cross-entropy. With ``compiled``
-    a bias-free batch that fits one block goes through ``tiedlm.fused_loss``
-    (torch.compile fuses its (tokens × |V|) passes); the mathematics is the same.
-    With ``static_shapes`` the target side runs over every token instead of the unique
-    targets (``tiedlm.static_loss``: no data-dependent shape, capturable in a CUDA graph).
-    """
-
-    def __init__(
-        self,
-        tau: float,
-        gamma: float,
-        detach_target: bool = False,
-        max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-        *,
-        compiled: bool = False,
-        static_shapes: bool = False,
-    ):
-        super().__init__()
-        self.tau, self.gamma, self.detach_target = float(tau), float(gamma), detach_target
-        self.max_chunk_elements = max_chunk_elements
-        self.compiled = compiled
-        self.static_shapes = static_shapes
-
-    def components(
-        self, logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy, KL) per token, before weighting; one fused autograd node with one gradient buffer."""
-        _check_shapes(logits, targets, embedding)
-        if not torch.is_grad_enabled():
-            kl = augmented_kl(logits, targets, embedding, self.tau, max_chunk_elements=self.max_chunk_elements)
-            return cross_entropy(logits, targets, bias), kl.float()
-        if self.static_shapes:  # the captured training step (tiedlm.cuda_graph)
-            from tiedlm.static_loss import static_components
-
-            return static_components(
-                logits, targets, embedding, self.tau, bias=bias, detach_target=self.detach_target,
-                max_chunk_elements=self.max_chunk_elements,
-            )  # fmt: skip
-        if self.compiled and bias is None and logits.numel() <= self.max_chunk_elements:
-            from tiedlm.fused_loss import fused_components
-
-            return fused_components(logits, targets, embedding, self.tau, self.detach_target)
-        chunk_rows = max(1, self.max_chunk_elements // logits.size(1))
-        ce, kl = _CrossEntropyAndKL.apply(
-            logits, bias, embedding, targets, self.tau, chunk_rows, not self.detach_target
-        )
-        return ce.float(), kl.float()
-
-    def forward(self, logits, targets, embedding, bias=None) -> torch.Tensor:
-        ce, kl = self.components(logits, targets, embedding, bias)
-        return ce + self.gamma * self.tau * kl
-
-    def extra_repr(self) -> str:
-        text = f"tau={self.tau}, gamma={self.gamma}, detach_target={self.detach_target}, compiled={self.compiled}"
-        return text + (", static_shapes=True" if self.static_shapes else "")

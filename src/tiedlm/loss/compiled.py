@@ -1,6 +1,6 @@
 """The augmented loss with its (tokens × |V|) work fused by ``torch.compile`` (``train.compile = true``).
 
-The eager loss (``tiedlm.loss``) makes about twenty element-wise passes over
+The eager loss (``tiedlm.loss.eager``) makes about twenty element-wise passes over
 (tokens × |V|) arrays per step: softmaxes, their maxima, the KL's row sums, the
 gradient's terms, dtype conversions. Here the token side of cross-entropy + KL
 is two compiled functions that read the logits once each:
@@ -23,8 +23,8 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 from torch._inductor.exc import InductorError
 
-from tiedlm import loss as eager
 from tiedlm.errors import TiedlmError
+from tiedlm.loss import eager
 
 
 def _token_forward(z, q, row, targets, tau: float):
@@ -73,7 +73,7 @@ class _FusedCrossEntropyAndKL(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):
             emb = embedding.float()
             target_ids, row = torch.unique(targets, return_inverse=True)
-            log_q = eager._target_log_probs(emb, target_ids, tau, logits.dtype)  # (U, V)
+            log_q = eager.target_log_probs(emb, target_ids, tau=tau, product=logits.dtype)  # (U, V)
             q = log_q.exp()
             ce, cross, lse, lse_tau = forward(logits, q, row, targets, tau)
             kl = torch.linalg.vecdot(q, log_q)[row] - cross
@@ -96,16 +96,30 @@ class _FusedCrossEntropyAndKL(torch.autograd.Function):
                 grad_logits = backward(logits, q, row, targets, lse, lse_tau, grad_ce, grad_kl, tau)
             if ctx.train_target and ctx.needs_input_grad[1]:
                 emb = embedding.float()
-                scaled = eager._scaled(logits, tau, emb.dtype)
-                block = eager._Block(target_ids, slice(None), row, None, scaled, lse_tau, None, log_q, q)
-                _, grad_emb = eager._kl_backward(logits, emb, targets, kl, grad_kl, tau, None, block, None,
-                                                 False, True)  # fmt: skip
+                # The eager pass into L from a whole block; ŷ and the rows of ỹ are not needed there.
+                block = eager.Block(
+                    target_ids=target_ids, tokens=slice(None), row=row, p_hat=None,
+                    scaled=eager.scaled_logits(logits, tau, emb.dtype), lse=lse_tau, q_rows=None, log_q=log_q, q=q,
+                )  # fmt: skip
+                _, grad_emb = eager.kl_backward(
+                    logits,
+                    emb,
+                    targets,
+                    kl,
+                    grad_kl,
+                    tau=tau,
+                    chunk_rows=None,
+                    kept=block,
+                    grad_z=None,
+                    want_z=False,
+                    train_target=True,
+                )
                 grad_embedding = grad_emb.to(embedding.dtype)
         return grad_logits, grad_embedding, None, None, None
 
 
 def fused_components(
-    logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, tau: float, detach_target: bool
+    logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, tau: float, *, detach_target: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, KL) per token through the compiled kernels; see the module docstring."""
     ce, kl = _FusedCrossEntropyAndKL.apply(logits, embedding, targets, float(tau), not detach_target)
