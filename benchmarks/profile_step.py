@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from tiedlm.bench import matmul_peak_gflops, naive_step, time_windows, training_flops_per_token, workload
 from tiedlm.config import load_config
 from tiedlm.runtime import tune_allocator
-from tiedlm.train import PHASES
+from tiedlm.training import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [  # config, precision, VD mode, train.compile

@@ -15,7 +15,7 @@ import torch
 
 from tiedlm.checkpoint import load_checkpoint
 from tiedlm.config import load_config
-from tiedlm.train import Trainer, TrainingStep
+from tiedlm.training import Trainer, TrainingStep
 
 
 def inject(calls: set[int], value: float):

@@ -10,7 +10,7 @@ from tiedlm.bench import NaiveRHN, training_flops_per_token
 from tiedlm.config import Config, ModelConfig, TrainConfig, load_config
 from tiedlm.models import build_model
 from tiedlm.models.rhn import HighwayRecurrence, RHNLanguageModel
-from tiedlm.train import Trainer, learning_rate
+from tiedlm.training import Trainer, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 

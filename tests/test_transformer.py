@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tiedlm.cli import main
 from tiedlm.config import ModelConfig, load_config
 from tiedlm.models import build_model
-from tiedlm.train import Trainer
+from tiedlm.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

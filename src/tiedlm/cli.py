@@ -173,7 +173,7 @@ _int_list = _number_list(int, "integers")
 
 
 def _device(name: str = "auto"):
-    from tiedlm.train import resolve_device
+    from tiedlm.runtime import resolve_device
 
     return resolve_device(name)
 
@@ -191,36 +191,16 @@ def _cmd_train(args) -> int:
 def _train(args, world) -> int:
     import torch
 
-    from tiedlm.checkpoint import MODEL_FILE, load_checkpoint, load_latest_good
-    from tiedlm.config import apply_overrides, config_from_dict, load_config
     from tiedlm.distributed import init_world
-    from tiedlm.train import Interrupted, Trainer, resolve_device
+    from tiedlm.runtime import resolve_device
+    from tiedlm.training import Interrupted, Trainer, resolve_run
 
-    if args.config is None and args.resume is None:
-        raise TiedlmError("train: give a CONFIG, or --resume DIR")
-    if args.resume is not None:
-        resume = Path(args.resume)
-        if (resume / MODEL_FILE).exists():  # one checkpoint folder, inside RUN/checkpoints/ or RUN/best
-            run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-        elif resume.is_dir():
-            run_dir = resume
-        else:
-            raise TiedlmError(f"--resume {resume}: no such run or checkpoint folder")
-        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
-            raise TiedlmError(f"--out {args.out}: a resumed run continues in its own folder {run_dir}")
-        if args.config is not None:
-            config = load_config(args.config, args.overrides)
-        else:
-            source = load_checkpoint(resume) if resume != run_dir else load_latest_good(run_dir)[0]
-            saved = source.config.to_dict()  # apply_overrides blames a bad value on its --set
-            config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source.path}")
-    else:
-        config = load_config(args.config, args.overrides)
-        run_dir = Path(args.out) if args.out else Path("runs") / config.name
+    config, run_dir = resolve_run(args.config, args.overrides, args.out, args.resume)
     device = resolve_device(config.train.device)
     init_world(world, torch.device("cuda", world.local_rank) if device.type == "cuda" else device)
     try:
-        trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
+        resume = Path(args.resume) if args.resume is not None else None
+        trainer = Trainer(config, run_dir, resume=resume, world=world)
         report = trainer.fit()
     except Interrupted as stop:
         if world.main:

@@ -138,7 +138,7 @@ def _build(config, vocab: int, device, precision: str, captured: bool):
 
     from tiedlm.cuda_graph import CapturedStep
     from tiedlm.models import build_model
-    from tiedlm.train import TrainingStep, make_optimizer
+    from tiedlm.training import TrainingStep, make_optimizer
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, vocab).to(device)
