@@ -748,23 +748,20 @@ def concurrency_verdict(single: float, measured: list[dict[str, Any]]) -> dict[s
 
 def _elapsed_minutes(run_dir: Path) -> float:
     """Training minutes a run folder already holds (train.time_limit counts them too)."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return 0.0
-    lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with contextlib.suppress(ValueError, KeyError, IndexError):
-        return json.loads(lines[-1])["elapsed_s"] / 60
+    from tiedlm.run_folder import RunFolder
+
+    with contextlib.suppress(KeyError, IndexError):
+        return RunFolder(run_dir).records()[-1]["elapsed_s"] / 60
     return 0.0
 
 
 def _run_facts(run_dir: Path) -> dict[str, Any]:
+    from tiedlm.run_folder import RunFolder
+
     facts: dict[str, Any] = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = []
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
+    folder = RunFolder(run_dir)
+    if folder.metrics.is_file():
+        records = folder.records()
         if records:
             facts["epochs"] = records[-1].get("epoch", 0)
             facts["best_valid_so_far"] = min(r.get("valid_ppl", float("inf")) for r in records)
@@ -772,15 +769,13 @@ def _run_facts(run_dir: Path) -> dict[str, Any]:
             facts["epoch_s"] = sum(r.get("epoch_s", 0.0) for r in later) / len(later)
             facts["train_tokens_per_s"] = records[-1].get("train_tokens_per_s")
             facts["windows"] = records[-1].get("windows")
-    final = run_dir / "final.json"
-    if final.is_file():
+    if folder.final.is_file():
         with contextlib.suppress(ValueError):
-            report = json.loads(final.read_text(encoding="utf-8"))
+            report = json.loads(folder.final.read_text(encoding="utf-8"))
             facts.update({key: report.get(key) for key in ("valid_ppl", "test_ppl", "stopped_by", "best_epoch")})
-    info = run_dir / "run.json"
-    if info.is_file():
+    if folder.run_info.is_file():
         with contextlib.suppress(ValueError):
-            run = json.loads(info.read_text(encoding="utf-8"))
+            run = json.loads(folder.run_info.read_text(encoding="utf-8"))
             facts.update({key: run.get(key) for key in ("training_step", "precision", "device_name")})
     return facts
 

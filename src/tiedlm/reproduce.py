@@ -22,8 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from tiedlm.errors import TiedlmError
+from tiedlm.experiments import Job, run_jobs
+from tiedlm.run_folder import RunFolder, current_final, read_epochs, read_json
 
 VARIANTS = ("vd", "al", "re", "real")
 VARIANT_NAMES = {"vd": "VD", "al": "VD + AL", "re": "VD + RE", "real": "VD + RE + AL (REAL)"}
@@ -41,7 +41,6 @@ TABLES = {
     "wikitext-2-small": ("wikitext-2", "small"),
     "wikitext-2-medium": ("wikitext-2", "medium"),
 }
-METRICS, RUN_INFO, FINAL = "metrics.jsonl", "run.json", "final.json"
 
 
 @dataclass
@@ -67,18 +66,17 @@ class Plan:
         return self.variant if self.stage == 1 else f"{self.variant}-stage{self.stage}"
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    @property
     def finished(self) -> bool:
         """It has a final.json newer than its last epoch (a run resumed after it ended keeps the old one)."""
-        final = self.run_dir / FINAL
-        if not final.is_file():
-            return False
-        metrics = self.run_dir / METRICS
-        epochs = read_metrics(metrics) if metrics.is_file() else []
-        return not epochs or epochs[-1]["epoch"] <= _read_json(final).get("epochs", 0)
+        return self.folder.finished
 
     @property
     def started(self) -> bool:
-        return (self.run_dir / "checkpoints").is_dir()
+        return self.folder.started
 
     @property
     def ready(self) -> bool:
@@ -109,17 +107,16 @@ def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Pla
     return plans
 
 
+def job(item: Plan, overrides: list[str], after: Job | None = None) -> Job:
+    """One stage as a job of the scheduler (tiedlm/experiments.py); a later stage starts from the
+    best weights of the one before (``train.init_from``)."""
+    start = [f"train.init_from={item.previous.run_dir}"] if item.previous is not None else []
+    return Job(f"{item.table}/{item.key}", item.config, item.run_dir, list(overrides), start, after)
+
+
 def train_command(item: Plan, overrides: list[str]) -> list[str]:
     """The ``tiedlm train`` call for one stage: a fresh run, or the continuation of an interrupted one."""
-    if item.started:
-        command = ["train", "--resume", str(item.run_dir)]
-    else:
-        command = ["train", str(item.config), "--out", str(item.run_dir)]
-        if item.previous is not None:
-            command += ["--set", f"train.init_from={item.previous.run_dir}"]
-    for text in overrides:
-        command += ["--set", text]
-    return command
+    return job(item, overrides).command()
 
 
 def set_aside(run_dir: Path) -> Path:
@@ -132,92 +129,22 @@ def set_aside(run_dir: Path) -> Path:
 def train_all(
     plans: list[Plan], overrides: list[str], jobs: int, say=print, python: str = sys.executable
 ) -> int | None:
-    """Train the plans' unfinished runs, ``jobs`` at a time.
+    """Train the plans' unfinished runs, ``jobs`` at a time (tiedlm/experiments.py's :func:`run_jobs`).
 
     Returns None when all finished, 128 + signal if stopped by one, 1 if a trainer failed.
 
     SIGINT/SIGTERM are passed on to the running trainers, which write a checkpoint and exit;
     the next ``tiedlm reproduce`` resumes them.
     """
-    todo = [item for item in plans if not item.finished]
-    env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    running: dict[subprocess.Popen, Plan] = {}
-    stop: list[int] = []
-    failed: list[str] = []
-
-    def forward(signum, frame):
-        if not stop:
-            say(f"reproduce: {signal.Signals(signum).name}: stopping the running trainers (they checkpoint first)")
-        stop.append(signum)
-        for proc in running:
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while running or (not stop and any(item.ready for item in todo)):
-            while not stop and len(running) < jobs and any(item.ready for item in todo):
-                item = next(item for item in todo if item.ready)  # a later stage waits for the one before
-                todo.remove(item)
-                command = [python, "-m", "tiedlm", *train_command(item, overrides)]
-                item.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                log_path = item.run_dir.parent / f"{item.key}.log"
-                with open(log_path, "a", encoding="utf-8") as log:
-                    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-                running[proc] = item
-                say(f"{item.table}/{item.key}: training ({' '.join(['tiedlm', *command[3:]])}; log {log_path})")
-            if not running:
-                break
-            finished = _wait_any(running)
-            item = running.pop(finished)
-            code = finished.returncode
-            if code == 0:
-                final = json.loads((item.run_dir / FINAL).read_text(encoding="utf-8"))
-                say(f"{item.table}/{item.key}: done, valid {final['valid_ppl']:.2f}, test {final['test_ppl']:.2f}")
-            elif code in (130, 143):
-                say(f"{item.table}/{item.key}: stopped with a checkpoint; `tiedlm reproduce` again resumes it")
-            else:
-                failed.append(item.key)
-                log_path = item.run_dir.parent / f"{item.key}.log"
-                say(f"{item.table}/{item.key}: tiedlm train failed (exit {code}); see {log_path}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop:
-        return 128 + stop[0]
-    return 1 if failed else None
-
-
-def _wait_any(running: dict[subprocess.Popen, Plan]) -> subprocess.Popen:
-    while True:
-        for proc in running:
-            if proc.poll() is not None:
-                return proc
-        time.sleep(0.5)
+    scheduled: dict[int, Job] = {}
+    for item in plans:
+        after = scheduled.get(id(item.previous)) if item.previous is not None else None
+        scheduled[id(item)] = job(item, overrides, after)
+    todo = list(scheduled.values())
+    return run_jobs(todo, jobs, say, python, name="reproduce", again="`tiedlm reproduce` again")
 
 
 # --- collecting results ---------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TiedlmError(f"{path}: missing (the run folder is incomplete)") from None
-    except (OSError, ValueError) as exc:
-        raise TiedlmError(f"{path}: unreadable ({exc})") from None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a metrics.jsonl (other events skipped)."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "valid_ppl" in record and "epoch" in record:
-                records.append(record)
-    return records
 
 
 def count_parameters(config: dict[str, Any], vocab_size: int) -> int:
@@ -227,13 +154,6 @@ def count_parameters(config: dict[str, Any], vocab_size: int) -> int:
 
     model = build_model(config_from_dict(config, "config.json").model, vocab_size)
     return sum(p.numel() for p in model.parameters())
-
-
-def _vocab_size(run_dir: Path) -> int:
-    vocab = run_dir / "best" / "vocab.txt"
-    if not vocab.is_file():
-        raise TiedlmError(f"{vocab}: missing (no epoch has finished yet)")
-    return sum(1 for line in vocab.read_text(encoding="utf-8").splitlines() if line)
 
 
 def _command_text(argv: list[str]) -> str:
@@ -288,12 +208,8 @@ def config_drift(run_config: dict[str, Any], config_file: Path) -> list[dict[str
 
 def run_files(item: Plan, results: Path) -> dict[str, Path] | None:
     """Where a stage's logs are: its run folder, or (a fresh clone) the copies in ``results/TABLE/``."""
-    in_run = {
-        "metrics": item.run_dir / METRICS,
-        "run": item.run_dir / RUN_INFO,
-        "final": item.run_dir / FINAL,
-        "config": item.run_dir / "config.json",
-    }
+    folder = item.folder
+    in_run = {"metrics": folder.metrics, "run": folder.run_info, "final": folder.final, "config": folder.config}
     if in_run["metrics"].is_file():
         return in_run
     logs = results / item.table
@@ -309,20 +225,18 @@ def run_files(item: Plan, results: Path) -> dict[str, Path] | None:
 def _parameters(item: Plan, info: dict[str, Any], config: dict[str, Any]) -> int | None:
     if "parameters" in info:
         return info["parameters"]
-    vocab = item.run_dir / "best" / "vocab.txt"
-    return count_parameters(config, _vocab_size(item.run_dir)) if vocab.is_file() else None
+    vocab = item.folder.best / "vocab.txt"
+    return count_parameters(config, item.folder.vocab_size()) if vocab.is_file() else None
 
 
 def collect_run(item: Plan, files: dict[str, Path]) -> dict[str, Any] | None:
     """One stage's row of the results: finished, or in progress (``status`` says which)."""
-    config = _read_json(files["config"])
-    info = _read_json(files["run"])
-    metrics = read_metrics(files["metrics"])
+    config = read_json(files["config"])
+    info = read_json(files["run"])
+    metrics = read_epochs(files["metrics"])
     if not metrics:
         return None
-    final = _read_json(files["final"]) if files["final"].is_file() else None
-    if final is not None and metrics[-1]["epoch"] > final.get("epochs", 0):
-        final = None  # resumed after it ended: the old final.json is out of date
+    final = current_final(files["final"], metrics)  # None if resumed after it ended: out of date
     paper = config.get("paper", {})
     stretches = [info, *info.get("resumed", [])]
     row = {
