@@ -222,35 +222,16 @@ def _train(args, world) -> int:
 
 
 def _cmd_eval(args) -> None:
-    from tiedlm.checkpoint import load_checkpoint
-    from tiedlm.data import load_corpus
-    from tiedlm.evaluate import evaluate
-    from tiedlm.precision import resolve_precision, warn_if_emulated
+    from tiedlm.evaluate import evaluate_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint, _device())
-    corpus = load_corpus(args.data or checkpoint.config.data.corpus, vocab=checkpoint.vocab)
-    batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
-    config = checkpoint.config
-    precision, _ = resolve_precision(args.precision or config.train.precision, _device())
-    warn_if_emulated(precision, _device(), "--precision")
-    result = evaluate(
-        checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision,
-        where=corpus.describe(args.split), option="--batch-size" if args.batch_size else "data.eval_batch_size",
-    )  # fmt: skip
-    record = {
-        "checkpoint": str(checkpoint.path),
-        "corpus": corpus.name,
-        "split": args.split,
-        "batch_size": batch_size,
-        "precision": precision,
-        "tokens": result.tokens,
-        "loss": result.loss,
-        "perplexity": result.perplexity,
-    }
+    record = evaluate_checkpoint(args.checkpoint, args.split, args.batch_size, args.data, args.precision)
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"{args.split} perplexity {result.perplexity:.2f} ({result.tokens} tokens, batch size {batch_size})")
+        print(
+            f"{args.split} perplexity {record['perplexity']:.2f} ({record['tokens']} tokens, "
+            f"batch size {record['batch_size']})"
+        )
 
 
 def _cmd_generate(args) -> None:
@@ -317,32 +298,13 @@ def _cmd_bench(args) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
-def _configs_folder(given: str | None) -> Path:
-    """--configs, else ./configs (a checkout), else the configs installed with the package."""
-    if given is not None:
-        return Path(given)
-    if Path("configs").is_dir():
-        return Path("configs")
-    from importlib import resources
-
-    return Path(str(resources.files("tiedlm") / "configs"))
-
-
 def _cmd_reproduce(args) -> int:
-    from tiedlm.config import load_config
-    from tiedlm.reproduce import collect, plan, set_aside, train_all
+    from tiedlm.reproduce import check_overrides, collect, configs_folder, plan, reproduce_command, set_aside, train_all
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    plans = plan(args.table, variants, _configs_folder(args.configs), Path(args.runs))
-    for item in plans:  # check the overrides against every config before anything starts
-        load_config(item.config, args.overrides)
-    command = f"tiedlm reproduce {args.table}"
-    if variants != ["vd", "al", "re", "real"]:
-        command += f" --variants {','.join(variants)}"
-    command += "".join(f" --set {text}" for text in args.overrides)
-    for option, value, default in (("--runs", args.runs, "runs"), ("--results", args.results, "results")):
-        if value != default:  # where the results came from and go: part of the command to re-run
-            command += f" {option} {value}"
+    plans = plan(args.table, variants, configs_folder(args.configs), Path(args.runs))
+    check_overrides(plans, args.overrides)  # against every config, before anything starts
+    command = reproduce_command(args.table, variants, args.overrides, args.runs, args.results)
     code = None
     if not args.collect_only:
         if args.rerun:
@@ -396,13 +358,8 @@ def _command_line(args) -> str:
 
 def _analyze_subspace(args) -> None:
     import dataclasses
-    import time
 
-    import torch
-
-    from tiedlm.analysis import SubspaceSettings, run_subspace, write_subspace_results
-    from tiedlm.data import load_corpus
-    from tiedlm.runtime import git_commit, hardware
+    from tiedlm.analysis import SubspaceSettings, subspace_study
 
     settings = SubspaceSettings()
     for name in ("betas", "taus", "seeds", "epochs", "words"):
@@ -415,53 +372,29 @@ def _analyze_subspace(args) -> None:
     for tau in settings.taus:
         if tau <= 0:
             raise TiedlmError(f"--taus: {tau:g} must be > 0")
-    corpus = load_corpus("ptb")
     pairs, seeds = len(settings.grid()), len(settings.seeds)
     print(f"subspace: {pairs * seeds} runs ({pairs} (β, τ) × {seeds} seeds), {args.jobs} at a time")
-    began = time.perf_counter()
 
     def progress(run, done, total):
         print(f"[{done}/{total}] β={run['beta']:g} τ={run['tau']:g} seed {run['seed']}: distance "
               f"{run['distance']:.3f} ({run['wall_s']:.0f} s)", flush=True)  # fmt: skip
 
-    runs = run_subspace(corpus.train, len(corpus.vocab), settings, jobs=args.jobs, progress=progress)
-    threads = 1 if args.jobs > 1 else torch.get_num_threads()
-    record = {
-        "command": _command_line(args),
-        "runs": len(runs),
-        "jobs": args.jobs,
-        "hardware": hardware(torch.device("cpu")).rsplit(",", 1)[0] + f", {threads} thread(s) per run",
-        "wall_s": time.perf_counter() - began,
-        "commit": git_commit(),
-        "torch": torch.__version__,
-    }
-    write_subspace_results(runs, settings, args.out, record)
+    record = subspace_study(settings, args.jobs, args.out, _command_line(args), progress)
     print(f"wrote {Path(args.out) / 'subspace.md'} ({record['wall_s'] / 60:.1f} min)")
 
 
 def _analyze_predictions(args) -> None:
-    import random
     import time
 
-    from tiedlm.analysis import describe_checkpoint, prediction_study, predictions_markdown, top_predictions
-    from tiedlm.checkpoint import load_checkpoint, write_text_atomic
-    from tiedlm.data import load_corpus
-    from tiedlm.runtime import git_commit, hardware
+    from tiedlm.analysis.predictions import compare_predictions, context_predictions, load_pair
 
     if not args.context and not args.report:
         raise TiedlmError("analyze predictions: give --context TEXT (repeatable) and/or --report FILE")
     began = time.perf_counter()
-    device = _device()
-    models = [load_checkpoint(path, device) for path in (args.checkpoint_a, args.checkpoint_b)]
-    if models[0].vocab != models[1].vocab:
-        raise TiedlmError(f"{args.checkpoint_b}: its vocabulary differs from that of {args.checkpoint_a}")
-    vocab = models[0].vocab
+    models = load_pair(args.checkpoint_a, args.checkpoint_b, _device())
     contexts = []
     for context in args.context:
-        tops = []
-        for checkpoint in models:
-            top, unknown = top_predictions(checkpoint.model, vocab, context, args.k)
-            tops.append(top)
+        tops, unknown = context_predictions(models, context, args.k)
         if unknown:
             print(f"tiedlm: warning: --context: not in the vocabulary, read as <unk>: {' '.join(unknown)}",
                   file=sys.stderr)  # fmt: skip
@@ -472,42 +405,10 @@ def _analyze_predictions(args) -> None:
             print(f"  {wa:<20} {pa:.3f}{'':<14}  {wb:<20} {pb:.3f}")
     if not args.report:
         return
-    corpus = load_corpus(models[0].config.data.corpus, vocab=vocab)
-    ids = corpus.split(args.split)
-    rng = random.Random(args.seed)
-    positions = sorted(rng.sample(range(10, ids.numel()), min(args.examples, ids.numel() - 10)))
-    bptt = models[0].config.data.bptt
-    stats = {}
-    for m, checkpoint in enumerate(models):
-        for r, reference in enumerate(models):
-            stats[(m, r)] = prediction_study(checkpoint.model, vocab, ids, reference.model.embedding.weight,
-                                             bptt=bptt, example_positions=positions)  # fmt: skip
-    examples = []
-    for example_a, example_b in zip(stats[(0, 0)].examples, stats[(1, 1)].examples, strict=True):
-        position = example_a["position"]
-        examples.append(
-            {
-                "context": " ".join(vocab.decode(ids[position - 10 : position].tolist())),
-                "target": example_a["target"],
-                "a": example_a,
-                "b": example_b,
-            }
-        )
-    record = {
-        "command": _command_line(args),
-        "split": args.split,
-        "seed": args.seed,
-        "hardware": hardware(device),
-        "commit": git_commit(),
-        "wall_s": time.perf_counter() - began,
-    }
-    names = tuple(
-        describe_checkpoint(path, checkpoint.config, checkpoint.trainer_state)
-        for path, checkpoint in zip((args.checkpoint_a, args.checkpoint_b), models, strict=True)
-    )
-    text = predictions_markdown(names, stats, contexts, examples, record)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(args.report), text)
+    stats = compare_predictions(
+        models, (args.checkpoint_a, args.checkpoint_b), contexts, args.report, split=args.split,
+        examples=args.examples, seed=args.seed, command=_command_line(args), began=began,
+    )  # fmt: skip
     for name, key in (("A", (0, 0)), ("B", (1, 1))):
         s = stats[key]
         print(f"{name}: perplexity {s.perplexity:.2f}, p(<unk>) {s.unk_mass:.4f}, p(top-10 frequent) "

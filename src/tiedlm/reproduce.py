@@ -107,6 +107,37 @@ def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Pla
     return plans
 
 
+def configs_folder(given: str | None) -> Path:
+    """--configs, else ./configs (a checkout), else the configs installed with the package."""
+    if given is not None:
+        return Path(given)
+    if Path("configs").is_dir():
+        return Path("configs")
+    from importlib import resources
+
+    return Path(str(resources.files("tiedlm") / "configs"))
+
+
+def check_overrides(plans: list[Plan], overrides: list[str]) -> None:
+    """Check the ``--set`` overrides against every plan's config (a one-line error for a bad one)."""
+    from tiedlm.config import load_config
+
+    for item in plans:
+        load_config(item.config, overrides)
+
+
+def reproduce_command(table: str, variants: list[str], overrides: list[str], runs: str, results: str) -> str:
+    """The ``tiedlm reproduce`` command that regenerates a table, as TABLE.md records it."""
+    command = f"tiedlm reproduce {table}"
+    if variants != list(VARIANTS):
+        command += f" --variants {','.join(variants)}"
+    command += "".join(f" --set {text}" for text in overrides)
+    for option, value, default in (("--runs", runs, "runs"), ("--results", results, "results")):
+        if value != default:  # where the results came from and go: part of the command to re-run
+            command += f" {option} {value}"
+    return command
+
+
 def job(item: Plan, overrides: list[str], after: Job | None = None) -> Job:
     """One stage as a job of the scheduler (tiedlm/experiments.py); a later stage starts from the
     best weights of the one before (``train.init_from``)."""
