@@ -3,6 +3,7 @@
 import pytest
 
 import tiedlm.training.loop
+import tiedlm.training.records
 from tiedlm.cli import main
 from tiedlm.config import load_config
 from tiedlm.training import Trainer
@@ -97,7 +98,7 @@ def test_without_the_tensorboard_package_nothing_is_logged(tmp_path, monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    assert tiedlm.training.loop.tensorboard_writer(tmp_path / "tb") is None
+    assert tiedlm.training.records.tensorboard_writer(tmp_path / "tb") is None
 
 
 def test_run_eta(tmp_path, config_file):

@@ -5,6 +5,9 @@ code 2; nothing already written is overwritten. Options that the library checks
 (``generate``'s and ``score``'s) are passed to it as they are, and its
 :class:`~tiedlm.errors.InvalidArgument` is reported under the option's name, so
 the command line and the Python API refuse the same values with the same words.
+
+Longer than 400 lines because the argument parser of every command is here, one line per
+option; each command's handler only calls the library and prints.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ faults.py   signals (StopFlag, Interrupted), rollback after non-finite steps, Ru
 """
 
 from tiedlm.training.faults import Interrupted, RunLock
-from tiedlm.training.loop import Trainer, tensorboard_writer
+from tiedlm.training.loop import Trainer
+from tiedlm.training.records import tensorboard_writer
 from tiedlm.training.resume import corpus_location, resolve_run
 from tiedlm.training.state import EpochPosition, Progress, join_optimizer_state, split_optimizer_state
 from tiedlm.training.step import PHASES, StepResult, TrainingStep, learning_rate, make_optimizer

@@ -55,18 +55,10 @@ from tiedlm.training.faults import (
     repair_best,
     say,
 )
+from tiedlm.training.records import tensorboard_writer
 from tiedlm.training.resume import check_resume_config, corpus_location, find_resume_checkpoint, resume_corpus
 from tiedlm.training.state import EpochPosition, Progress, restore_trainer_state, trainer_state
 from tiedlm.training.step import TrainingStep, learning_rate, make_optimizer
-
-
-def tensorboard_writer(log_dir: Path):
-    """A TensorBoard SummaryWriter when the ``tensorboard`` package is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # the optional `tensorboard` extra is not installed
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
 
 
 class Trainer:
@@ -313,24 +305,10 @@ class Trainer:
         return self.model.init_state(batch_size)  # a non-finite state would poison what follows
 
     def _run_eta(self, epoch: int) -> str:
-        """Time left for the epochs after this one, at most (early stopping may end sooner)."""
-        remaining = self.config.train.max_epochs - epoch
-        if not self.progress.last_epoch_s or remaining <= 0:
-            return "?" if remaining > 0 else "0m"
-        minutes = remaining * self.progress.last_epoch_s / 60
-        return f"≤{minutes / 60:.1f}h" if minutes >= 90 else f"≤{minutes:.0f}m"
+        return self.progress.time_left(self.config.train, epoch)
 
     def _stop_reason(self) -> str | None:
-        """Why the schedule ends here (max_epochs, patience, time_limit), or None while it goes on."""
-        train, progress = self.config.train, self.progress
-        if progress.epoch >= train.max_epochs:
-            return "max_epochs"
-        if progress.bad_epochs >= train.patience:
-            return "patience"
-        limit_s = train.time_limit_minutes * 60
-        if limit_s and progress.epoch and progress.elapsed_s + progress.last_epoch_s > limit_s:
-            return "time_limit"
-        return None
+        return self.progress.stop_reason(self.config.train)
 
     def final_report(self) -> dict[str, Any]:
         """Valid and test perplexity of best/, written to final.json."""
@@ -410,10 +388,7 @@ class Trainer:
         if not self.world.main:
             return
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["epoch"])
-            self.tensorboard.flush()
+            records.add_scalars(self.tensorboard, record)
         self.echo(self.folder.append_metrics(record))
 
     def _precision_info(self) -> dict[str, str]:

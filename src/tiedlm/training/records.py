@@ -1,4 +1,5 @@
-"""What a run writes about itself: run.json's records, the metrics line of an epoch, final.json.
+"""What a run writes about itself: run.json's records, the metrics line of an epoch (also to
+TensorBoard, where it is installed and ``train.tensorboard`` is on), final.json.
 
 The files and their place in the run folder: tiedlm/run_folder.py and docs/checkpoints.md.
 """
@@ -16,6 +17,23 @@ from tiedlm.cuda_graph import CapturedStep
 from tiedlm.evaluate import perplexity
 from tiedlm.runtime import provenance
 from tiedlm.training.state import Progress
+
+
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter when the ``tensorboard`` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the optional `tensorboard` extra is not installed
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def add_scalars(writer, record: dict[str, Any]) -> None:
+    """An epoch's metrics line as TensorBoard scalars at step ``epoch``."""
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, record["epoch"])
+    writer.flush()
 
 
 def model_size(model: torch.nn.Module, vocab_size: int) -> dict[str, int]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tiedlm.config import TrainConfig
+
 
 @dataclass
 class Progress:
@@ -31,6 +33,25 @@ class Progress:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def stop_reason(self, train: TrainConfig) -> str | None:
+        """Why the schedule ends here (max_epochs, patience, time_limit), or None while it goes on."""
+        if self.epoch >= train.max_epochs:
+            return "max_epochs"
+        if self.bad_epochs >= train.patience:
+            return "patience"
+        limit_s = train.time_limit_minutes * 60
+        if limit_s and self.epoch and self.elapsed_s + self.last_epoch_s > limit_s:
+            return "time_limit"
+        return None
+
+    def time_left(self, train: TrainConfig, epoch: int) -> str:
+        """Time left for the epochs after ``epoch``, at most (early stopping may end sooner): ≤12m, ≤1.7h."""
+        remaining = train.max_epochs - epoch
+        if not self.last_epoch_s or remaining <= 0:
+            return "?" if remaining > 0 else "0m"
+        minutes = remaining * self.last_epoch_s / 60
+        return f"≤{minutes / 60:.1f}h" if minutes >= 90 else f"≤{minutes:.0f}m"
 
 
 @dataclass
