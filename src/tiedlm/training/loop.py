@@ -27,7 +27,6 @@ from tiedlm.checkpoint import (
     checkpoint_name,
     init_weights_from,
     link_checkpoint,
-    load_latest_good,
     remove_dir,
     remove_stale,
     save_checkpoint,
@@ -42,21 +41,10 @@ from tiedlm.models import build_model
 from tiedlm.precision import resolve_precision, warn_if_emulated
 from tiedlm.run_folder import RunFolder
 from tiedlm.runtime import resolve_device
-from tiedlm.training import records
-from tiedlm.training.faults import (
-    KEEP_CHECKPOINTS,
-    Interrupted,
-    Rollback,
-    RunLock,
-    StopFlag,
-    check_free_space,
-    check_rollbacks_left,
-    check_writable,
-    repair_best,
-    say,
-)
+from tiedlm.training import faults, records
+from tiedlm.training import resume as resuming
+from tiedlm.training.faults import Interrupted, Rollback, RunLock, StopFlag, say
 from tiedlm.training.records import tensorboard_writer
-from tiedlm.training.resume import check_resume_config, corpus_location, find_resume_checkpoint, resume_corpus
 from tiedlm.training.state import EpochPosition, Progress, restore_trainer_state, trainer_state
 from tiedlm.training.step import TrainingStep, learning_rate, make_optimizer
 
@@ -65,12 +53,21 @@ class Trainer:
     """Trains one configuration into one run folder.
 
     ``resume`` is a run folder (its newest intact checkpoint is used, damaged
-    newer ones are skipped with a note) or one checkpoint folder.
+    newer ones are skipped with a note) or one checkpoint folder. ``fault_hook``: see
+    :attr:`TrainingStep.fault_hook` (docs/faults.md).
     """
 
     def __init__(
-        self, config: Config, run_dir: Path, *, resume: Path | None = None, echo=print, world: World | None = None
+        self,
+        config: Config,
+        run_dir: Path,
+        *,
+        resume: Path | None = None,
+        echo=print,
+        world: World | None = None,
+        fault_hook=None,
     ):
+        self.fault_hook = fault_hook
         self.run_dir, self.config = Path(run_dir), config
         self.folder = RunFolder(self.run_dir)
         self.world = world or World()
@@ -93,7 +90,7 @@ class Trainer:
                     f"--out {self.run_dir}: already holds a run; continue it with --resume {self.run_dir} "
                     "or pick another --out"
                 )
-            check_writable(self.run_dir)
+            faults.check_writable(self.run_dir)
             self.lock = RunLock(self.run_dir)
             if config.train.tensorboard:
                 self.tensorboard = tensorboard_writer(self.run_dir / "tensorboard")
@@ -124,7 +121,7 @@ class Trainer:
         checkpoint = self._load_data_and_model(resume)
         config = self.config  # its data.corpus now the recorded location
         if world.main:
-            check_free_space(self.run_dir, self.model)
+            faults.check_free_space(self.run_dir, self.model)
         self.model.mask_generator = torch.Generator(device=self.device)
         self.model.mask_generator.manual_seed(config.seed)  # the same on every rank (see distributed.py)
         self.model.mask_batch = world.batch_slice(config.data.batch_size)
@@ -134,16 +131,16 @@ class Trainer:
             self._restore(checkpoint)
             if world.main:
                 self.folder.truncate_metrics(self.progress.epoch)
-                repair_best(self.folder, self.progress.best_epoch)
+                faults.repair_best(self.folder, self.progress.best_epoch)
                 resumed = records.resume_record(
-                    checkpoint.path, self.device, self._precision_info(), self.progress.epoch + 1, config.data.corpus
+                    checkpoint.path, self.device, self.precision_info, self.progress.epoch + 1, config.data.corpus
                 )
                 self.folder.record_resume(resumed, self._model_size())
                 say(f"resuming {self.run_dir} from {checkpoint.path}")
         else:
             self.progress = Progress()
             if world.main:
-                info = records.run_record(self.device, self._precision_info(), self.corpus_record)
+                info = records.run_record(self.device, self.precision_info, self.corpus_record)
                 if self.init_source is not None:
                     info["init_from"] = self.init_source
                 self.folder.write_run_info(info | self._model_size())
@@ -156,14 +153,14 @@ class Trainer:
         config = self.config
         checkpoint = None
         if resume is not None:
-            checkpoint = find_resume_checkpoint(Path(resume), self.device)
-            check_resume_config(checkpoint.config, config)
-            self.corpus = resume_corpus(checkpoint, config.data.corpus)
+            checkpoint = resuming.find_resume_checkpoint(Path(resume), self.device)
+            resuming.check_resume_config(checkpoint.config, config)
+            self.corpus = resuming.resume_corpus(checkpoint, config.data.corpus)
             self.model = checkpoint.model
         else:
             self.corpus = load_corpus(config.data.corpus)
         # Recorded as an absolute path, with its checksums, in config.json and every checkpoint.
-        location = corpus_location(config.data.corpus)
+        location = resuming.corpus_location(config.data.corpus)
         config = self.config = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=location))
         self.corpus_record = {"corpus": location, "sha256": self.corpus.sha256}
         for split, size, option in (
@@ -190,8 +187,12 @@ class Trainer:
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=device_ids)
-        captured, self.step_info = plan_step(config, self.device, world)
+        captured, step_info = plan_step(config, self.device, world)
+        # What run.json records of this stretch: its precision, why, and how the training step runs.
+        self.precision_info = {"precision": self.precision, "precision_reason": self.precision_reason}
+        self.precision_info["training_step"] = step_info
         step = TrainingStep(self.model, self.optimizer, config, world, self.forward, self.precision, captured)
+        step.fault_hook = self.fault_hook
         return CapturedStep(step, strict=config.train.cuda_graph == "on") if captured else step
 
     def _release(self) -> None:
@@ -346,7 +347,7 @@ class Trainer:
             save_checkpoint(folder, self.model, self.config, self.corpus.vocab, plain, tensors)
             if improved:
                 link_checkpoint(folder, self.folder.best)
-            for old in self.folder.checkpoints()[:-KEEP_CHECKPOINTS]:
+            for old in self.folder.checkpoints()[: -faults.KEEP_CHECKPOINTS]:
                 remove_dir(old)
         self.world.barrier()
         return folder
@@ -367,12 +368,10 @@ class Trainer:
 
     def _rollback(self) -> None:
         """Restore the last good checkpoint with the learning rate halved (after non-finite steps)."""
-        check_rollbacks_left(self.run_dir, self.progress.rollbacks)
+        faults.check_rollbacks_left(self.run_dir, self.progress.rollbacks)
         lr_scale, rollbacks = self.progress.lr_scale / 2, self.progress.rollbacks + 1
         skipped = self.progress.skipped_steps
-        checkpoint, notes = load_latest_good(self.run_dir, self.device)
-        for note in notes:
-            say(f"skipping a damaged checkpoint: {note}")
+        checkpoint = resuming.latest_good(self.run_dir, self.device)
         self._restore(checkpoint, lr_scale=lr_scale)
         self.progress.rollbacks, self.progress.skipped_steps = rollbacks, skipped
         if self.world.main:
@@ -385,14 +384,10 @@ class Trainer:
     # --- the run folder's records --------------------------------------------------------------------------
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
-        if not self.world.main:
-            return
-        if self.tensorboard is not None:
+        if self.world.main and self.tensorboard is not None:
             records.add_scalars(self.tensorboard, record)
-        self.echo(self.folder.append_metrics(record))
-
-    def _precision_info(self) -> dict[str, str]:
-        return {"precision": self.precision, "precision_reason": self.precision_reason, "training_step": self.step_info}
+        if self.world.main:
+            self.echo(self.folder.append_metrics(record))
 
     def _model_size(self) -> dict[str, int]:
         return records.model_size(self.model, len(self.corpus.vocab))

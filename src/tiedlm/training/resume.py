@@ -43,6 +43,14 @@ def resolve_run(
     return config_from_dict(apply_overrides(saved, overrides), f"checkpoint {checkpoint.path}"), run_dir
 
 
+def latest_good(run_dir: Path, device: torch.device) -> Checkpoint:
+    """The run's newest intact checkpoint, with a note for every damaged newer one it skipped."""
+    checkpoint, skipped = load_latest_good(run_dir, device)
+    for note in skipped:
+        say(f"skipping a damaged checkpoint: {note}")
+    return checkpoint
+
+
 def find_resume_checkpoint(resume: Path, device: torch.device) -> Checkpoint:
     """The checkpoint ``--resume`` continues from: the folder given, or a run's newest intact one."""
     if (resume / MODEL_FILE).exists():

@@ -8,6 +8,7 @@ plus γ·τ·KL(ỹ‖ŷ) with the augmented loss (docs/method.md §3, tiedlm/lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,9 @@ class TrainingStep:
         self.batch_size = config.data.batch_size // self.world.size
         self.bptt = config.data.bptt  # a full window's length (the captured step's static shape)
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
+        # The fault-injection hook (docs/faults.md): None in training; a function that gets each window's
+        # per-token cross-entropy and returns what the step goes on with (e.g. NaN, for the rollback tests).
+        self.fault_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
         # ``precision`` is the resolved one (fp32 or bf16) where the config says auto.
         self.precision = precision or resolve_precision(config.train.precision, next(model.parameters()).device)[0]
 
@@ -115,6 +119,8 @@ class TrainingStep:
         # The record_function ranges name the phases in a torch.profiler trace (benchmarks/profile_step.py).
         with record_function(PHASES[0]):
             ce, kl, new_state = self.window_loss(inputs, targets, detach_state(state), masks)
+            if self.fault_hook is not None:
+                ce = self.fault_hook(ce)
             objective = ce.sum() if kl is None else ce.sum() + self.augmented.gamma * self.augmented.tau * kl.sum()
         with record_function(PHASES[1]):
             (objective / self.batch_size).backward()  # DDP averages the gradients over the ranks here
