@@ -32,7 +32,7 @@ from tiedlm.config import Config, DataConfig, LossConfig, ModelConfig, TrainConf
 from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
 from tiedlm.models import build_model
 from tiedlm.runtime import tune_allocator
-from tiedlm.train import TrainingStep
+from tiedlm.training import TrainingStep
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 267_735

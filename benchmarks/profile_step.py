@@ -36,7 +36,7 @@ from tiedlm.bench import matmul_peak_gflops, naive_step, time_windows, training_
 from tiedlm.config import load_config
 from tiedlm.precision import cpu_features
 from tiedlm.runtime import tune_allocator
-from tiedlm.train import PHASES
+from tiedlm.training import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [  # config, precision, VD mode, train.compile
@@ -285,7 +285,12 @@ def main() -> None:
     parser.add_argument("--profiled", type=int, default=8, help="profiled windows per case (+1 traced with shapes)")
     parser.add_argument("--case", action="append", metavar="CONFIG:PRECISION:MODE[:compile]",
                         help="profile these cases instead of the default ones (repeatable)")  # fmt: skip
-    parser.add_argument("--out", default="profile", help="results in benchmarks/OUT.json and OUT.md (upper case)")
+    parser.add_argument(
+        "--out",
+        default="profile",
+        help="write the results as NAME.json and NAME.md (upper case) beside this script",
+        metavar="NAME",
+    )
     args = parser.parse_args()
     cases = CASES
     if args.case:

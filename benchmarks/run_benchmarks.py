@@ -33,7 +33,7 @@ from tiedlm.data import load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.models import build_model
 from tiedlm.runtime import cpu_name, tune_allocator
-from tiedlm.train import Trainer
+from tiedlm.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [("fp32", "exact"), ("fp32", "fast"), ("bf16", "exact"), ("bf16", "fast")]

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from tiedlm.experiments import Job, run_jobs
+from tiedlm.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = "configs/ptb/small-real.toml"
@@ -88,39 +88,13 @@ def run_dir(runs: Path, arm: str) -> Path:
     return runs / arm
 
 
-def finished(path: Path) -> bool:
-    return (path / "final.json").is_file()
-
-
-def command(arm: str, runs: Path) -> list[str]:
-    args = [sys.executable, "-m", "tiedlm", "train", BASE_CONFIG, "--out", str(run_dir(runs, arm))]
-    for item in BUDGET + ARMS[arm][1]:
-        args += ["--set", item]
-    return args
+def job(arm: str, runs: Path) -> Job:
+    """An arm as a job of tiedlm's scheduler: its settings are given at its fresh start (config.json keeps them)."""
+    return Job(arm, Path(BASE_CONFIG), run_dir(runs, arm), start_overrides=BUDGET + ARMS[arm][1])
 
 
 def run(runs: Path, jobs: int) -> None:
-    todo = [arm for arm in ARMS if not finished(run_dir(runs, arm))]
-    env = dict(os.environ, OMP_NUM_THREADS="1" if jobs > 1 else os.environ.get("OMP_NUM_THREADS", ""))
-    running: list[tuple[str, subprocess.Popen]] = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            arm = todo.pop(0)
-            path = run_dir(runs, arm)
-            args = command(arm, runs)
-            if (path / "checkpoints").is_dir():  # interrupted earlier: continue it
-                args = [sys.executable, "-m", "tiedlm", "train", "--resume", str(path)]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(runs / f"{arm}.log", "a")
-            print(f"start {arm}: {' '.join(args)}", flush=True)
-            running.append((arm, subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)))
-        arm, proc = running.pop(0)
-        code = proc.wait()
-        print(f"done {arm}: exit {code}", flush=True)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    run_jobs([job(arm, runs) for arm in ARMS], jobs, cwd=ROOT, name="ablations", again="`ablations.py run` again")
 
 
 def decisions(by_arm: dict[str, dict]) -> list[str]:
@@ -203,12 +177,13 @@ def render(runs: Path, out: Path) -> None:
     rows = []
     for arm, (question, sets, label) in ARMS.items():
         path = run_dir(runs, arm)
-        if not finished(path):
+        folder = RunFolder(path)
+        final = folder.read_final()
+        if final is None:
             continue
-        final = json.loads((path / "final.json").read_text())
-        info = json.loads((path / "run.json").read_text())
-        metrics = [m for m in read_jsonl(path / "metrics.jsonl") if "valid_ppl" in m]
-        shutil.copyfile(path / "metrics.jsonl", logs / f"{arm}.jsonl")
+        info = folder.read_run_info()
+        metrics = folder.epochs()
+        shutil.copyfile(folder.metrics, logs / f"{arm}.jsonl")
         rows.append(
             {
                 "arm": arm,

@@ -17,46 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+
+from tiedlm.experiments import Job, run_jobs
+from tiedlm.run_folder import RunFolder, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def train(configs: list[Path], runs: Path, minutes: float, jobs: int, overrides: list[str]) -> None:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    pending, running = list(configs), []
-    while pending or running:
-        while pending and len(running) < jobs:
-            config = pending.pop(0)
-            run = runs / config.stem
-            if (run / "final.json").is_file():
-                print(f"{run}: finished earlier, collected", flush=True)
-                continue
-            settings = [f"train.time_limit_minutes={minutes}", *overrides]
-            if (run / "checkpoints").is_dir():
-                command = ["train", "--resume", str(run)]
-            else:
-                command = ["train", str(config), "--out", str(run)]
-            for item in settings:
-                command += ["--set", item]
-            runs.mkdir(parents=True, exist_ok=True)
-            log = open(runs / f"{config.stem}.log", "a")  # noqa: SIM115 (closed when the run ends)
-            print(f"training: tiedlm {' '.join(command)}", flush=True)
-            proc = subprocess.Popen([sys.executable, "-m", "tiedlm", *command], env=env, stdout=log, stderr=log)
-            running.append((config, proc, log))
-        config, proc, log = running.pop(0)
-        code = proc.wait()
-        log.close()
-        print(f"{config.stem}: exit {code}", flush=True)
+    settings = [f"train.time_limit_minutes={minutes}", *overrides]  # at every start: a resume may change them
+    todo = [Job(config.stem, config, runs / config.stem, settings) for config in configs]
+    for finished in (job for job in todo if job.finished):
+        print(f"{finished.run_dir}: finished earlier, collected", flush=True)
+    run_jobs(todo, jobs, name="budget_compare", again="this command again")
 
 
 def render(name: str, configs: list[Path], runs: Path, out: Path, minutes: float) -> None:
@@ -67,17 +42,17 @@ def render(name: str, configs: list[Path], runs: Path, out: Path, minutes: float
     logs.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for config in configs:
-        run = runs / config.stem
-        if not (run / "metrics.jsonl").is_file():
+        run = RunFolder(runs / config.stem)
+        if not run.metrics.is_file():
             continue
-        metrics = [m for m in read_jsonl(run / "metrics.jsonl") if "valid_ppl" in m]
+        metrics = run.epochs()
         curves[config.stem] = metrics
-        info = json.loads((run / "run.json").read_text())
-        saved = json.loads((run / "config.json").read_text())
-        final = json.loads((run / "final.json").read_text()) if (run / "final.json").is_file() else None
-        vocab = len((run / "best" / "vocab.txt").read_text().split())
-        shutil.copyfile(run / "metrics.jsonl", logs / f"{config.stem}.jsonl")
-        shutil.copyfile(run / "run.json", logs / f"{config.stem}.run.json")
+        info = run.read_run_info()
+        saved = read_json(run.config)
+        final = run.read_final()
+        vocab = run.vocab_size()
+        shutil.copyfile(run.metrics, logs / f"{config.stem}.jsonl")
+        shutil.copyfile(run.run_info, logs / f"{config.stem}.run.json")
         rows.append(
             {
                 "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),

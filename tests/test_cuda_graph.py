@@ -18,7 +18,7 @@ from tiedlm.cuda_graph import CapturedStep, StaticBuffers, draw_masks, plan_step
 from tiedlm.distributed import World
 from tiedlm.errors import TiedlmError
 from tiedlm.models import build_model
-from tiedlm.train import TrainingStep, make_optimizer
+from tiedlm.training import TrainingStep, make_optimizer
 
 VOCAB, T, B = 37, 5, 3
 
@@ -282,11 +282,11 @@ def test_the_captured_region_needs_no_host_sync(variant):
 
 
 def test_training_through_the_buffered_step_matches_eager_training(tmp_path, config_file, monkeypatch):
-    from tiedlm import train as train_module
     from tiedlm.cli import main
+    from tiedlm.training import loop
 
     assert main(["train", str(config_file), "--out", str(tmp_path / "eager")]) == 0
-    monkeypatch.setattr(train_module, "plan_step", lambda *args: (True, "buffered (test)"))
+    monkeypatch.setattr(loop, "plan_step", lambda *args: (True, "buffered (test)"))
     assert main(["train", str(config_file), "--out", str(tmp_path / "buffered")]) == 0
     eager, buffered = (
         [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -19,12 +19,11 @@ from fault_harness import (
     visible_files_intact,
     wait_for,
 )
-from tiedlm import train as train_module
 from tiedlm.checkpoint import load_checkpoint, run_checkpoints
 from tiedlm.cli import main
 from tiedlm.config import load_config
 from tiedlm.errors import TiedlmError
-from tiedlm.train import RunLock, Trainer, TrainingStep
+from tiedlm.training import RunLock, Trainer, TrainingStep, faults
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,7 @@ def test_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path, config_file, monkeyp
     straight.fit()
     stopped = Trainer(load_config(config_file), tmp_path / "split", echo=lambda *a: None)
     _stop_at(monkeypatch, stopped, {90})  # epoch 1 has 74 windows: call 90 is window 15 of epoch 2
-    with pytest.raises(train_module.Interrupted) as info:
+    with pytest.raises(faults.Interrupted) as info:
         stopped.fit()
     assert info.value.exit_code == 130
     names = [p.name for p in run_checkpoints(tmp_path / "split")]
@@ -227,7 +226,7 @@ def test_unwritable_output_folder_is_detected_before_training(tmp_path, config_f
 
 
 def test_full_disk_is_detected_before_training(tmp_path, config_file, monkeypatch, capsys):
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1024})())
+    monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: type("U", (), {"free": 1024})())
     assert main(["train", str(config_file), "--out", str(tmp_path / "run")]) == 2
     assert "MiB free" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -254,7 +253,7 @@ def test_signal_during_set_up_stops_at_the_first_checkpoint(tmp_path, config_fil
     previous = signal.getsignal(signal.SIGTERM)
     trainer = Trainer(load_config(config_file), tmp_path / "run", echo=lambda *a: None)
     os.kill(os.getpid(), signal.SIGTERM)  # handled: the trainer's handler is already installed
-    with pytest.raises(train_module.Interrupted) as info:
+    with pytest.raises(faults.Interrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 143
     assert [p.name for p in run_checkpoints(tmp_path / "run")] == ["epoch-0000"]
@@ -287,7 +286,7 @@ def test_signal_during_the_final_evaluation_still_exits_with_its_code(tmp_path, 
         return original(self)
 
     monkeypatch.setattr(Trainer, "final_report", final_report)
-    with pytest.raises(train_module.Interrupted) as info:
+    with pytest.raises(faults.Interrupted) as info:
         trainer.fit()
     assert info.value.exit_code == 130
     assert (tmp_path / "run" / "final.json").exists()  # the run itself is complete

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiedlm import train as train_module
+from tiedlm import training as training_package
 from tiedlm.cli import main
 from tiedlm.config import Config, DataConfig, LossConfig, ModelConfig, PaperConfig, TrainConfig, load_config
 from tiedlm.data import load_corpus
@@ -151,7 +151,7 @@ def test_set_parsing(base_config, overrides):
     for text in overrides:
         args += ["--set", text]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "Trainer", _NoTraining)
+        patch.setattr(training_package, "Trainer", _NoTraining)
         code, _, err = run_main(*args)
     assert_clean_outcome(code, err)
 

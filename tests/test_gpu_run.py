@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tiedlm import gpu_run
+from tiedlm import gpu_out, gpu_run
 from tiedlm.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def test_out_keeps_to_eight_files_and_leaves_out_checkpoints_that_do_not_fit(tmp
     _fake_run(runs, "wikitext-2-medium", "real", 9 << 20)  # two copies: 18 MiB, over one file's 16
     out.mkdir()
     summary = {"runs": []}
-    files = gpu_run.pack_out(work, runs, out, summary, checkpoints=True)
+    files = gpu_out.pack_out(work, runs, out, summary, checkpoints=True)
     assert_returnable(out)
     assert len(files) == 8 and "summary.json" in files and "runs.tar.gz" in files
     assert not (out / "ckpt-wikitext-2-medium-real.tar").exists()
@@ -103,7 +103,7 @@ def test_out_keeps_to_eight_files_and_leaves_out_checkpoints_that_do_not_fit(tmp
     with tarfile.open(out / "runs.tar.gz") as tar:
         assert "runs/wikitext-2-medium/real/best/vocab.txt" in tar.getnames()
     # A later pack without checkpoints removes the ones it no longer writes.
-    gpu_run.pack_out(work, runs, out, summary, checkpoints=False)
+    gpu_out.pack_out(work, runs, out, summary, checkpoints=False)
     assert not list(out.glob("ckpt-*"))
 
 

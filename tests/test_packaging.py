@@ -1,5 +1,6 @@
 """Packaging: the wheel carries the corpora and configs; `python -m tiedlm` and `--version`; ruff clean."""
 
+import ast
 import re
 import shutil
 import subprocess
@@ -58,3 +59,106 @@ def test_ruff_clean():
     assert check.returncode == 0, check.stdout[-3000:]
     formatted = subprocess.run([ruff, "format", "--check", *folders], capture_output=True, text=True, timeout=120)
     assert formatted.returncode == 0, formatted.stdout[-3000:]
+
+
+# --- module size and imports --------------------------------------------------------------------------------
+
+SRC = ROOT / "src"
+MAX_LINES = 400
+LONG_REASON = "Longer than 400 lines because"
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of src/tiedlm by dotted name (a package by its __init__.py)."""
+    modules = {}
+    for path in sorted((SRC / "tiedlm").rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def test_no_module_is_longer_than_400_lines_without_saying_why():
+    too_long = {}
+    for name, path in package_modules().items():
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        docstring = ast.get_docstring(ast.parse(text)) or ""
+        if lines > MAX_LINES and not any(line.startswith(LONG_REASON) for line in docstring.splitlines()):
+            too_long[name] = lines
+    assert too_long == {}, f"over {MAX_LINES} lines, and no docstring line starting {LONG_REASON!r}"
+
+
+def imported_modules(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The modules of ``known`` that ``tree`` imports, anywhere in it: at the top, and also inside
+    functions (a lazy import is still a dependency, and a cycle through one fails as soon as both
+    ends run). A package's own __init__, which Python runs before any of its modules, is not
+    counted as imported by them: that is how a package re-exports its modules' names."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # import tiedlm.a.b.name → the module tiedlm.a.b
+                target = target.rpartition(".")[0]
+            if target and target != module:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    known = set(modules)
+    return {
+        name: imported_modules(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py", known)
+        for name, path in modules.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module → the modules it imports) as a path, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_check_can_fail():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    tree = ast.parse("import tiedlm.x\ndef f():\n    from tiedlm.y import thing\n    from . import z\n")
+    known = {"tiedlm", "tiedlm.x", "tiedlm.y", "tiedlm.z"}
+    assert imported_modules(tree, "tiedlm.w", False, known) == {"tiedlm.x", "tiedlm.y", "tiedlm.z"}
+
+
+def test_no_import_cycle_among_the_modules():
+    graph = import_graph()
+    assert "tiedlm.training.loop" in graph["tiedlm.training"]  # the graph sees the package's modules
+    assert "tiedlm.cli" in graph["tiedlm.__main__"]
+    assert "tiedlm.loss.eager" in graph["tiedlm.loss.compiled"]  # the compiled path imports the eager one
+    assert find_cycle(graph) is None

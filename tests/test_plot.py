@@ -2,10 +2,11 @@
 
 import pytest
 
-import tiedlm.train
+import tiedlm.training.loop
+import tiedlm.training.records
 from tiedlm.cli import main
 from tiedlm.config import load_config
-from tiedlm.train import Trainer
+from tiedlm.training import Trainer
 
 
 def test_plot_writes_a_png_of_several_runs(trained_run, tmp_path, config_file, capsys):
@@ -73,7 +74,8 @@ class FakeWriter:
 
 def test_tensorboard_gets_every_epoch_when_installed(tmp_path, config_file, monkeypatch):
     writers = []
-    monkeypatch.setattr(tiedlm.train, "tensorboard_writer", lambda path: writers.append(FakeWriter()) or writers[-1])
+    fake = lambda path: writers.append(FakeWriter()) or writers[-1]  # noqa: E731
+    monkeypatch.setattr(tiedlm.training.loop, "tensorboard_writer", fake)
     Trainer(load_config(config_file), tmp_path / "run", echo=lambda *a, **k: None).fit()
     [writer] = writers
     assert {(k, s) for k, _, s in writer.scalars} >= {("valid_ppl", 1), ("valid_ppl", 2), ("train_ppl", 2), ("lr", 1)}
@@ -96,7 +98,7 @@ def test_without_the_tensorboard_package_nothing_is_logged(tmp_path, monkeypatch
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    assert tiedlm.train.tensorboard_writer(tmp_path / "tb") is None
+    assert tiedlm.training.records.tensorboard_writer(tmp_path / "tb") is None
 
 
 def test_run_eta(tmp_path, config_file):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tiedlm.config import Config, ModelConfig, apply_overrides, config_from_dict, value_range
+from tiedlm.config import MODEL_SETTINGS, Config, ModelConfig, apply_overrides, config_from_dict, value_range
 from tiedlm.errors import TiedlmError
 from tiedlm.models import ARCHITECTURES, LanguageModel, build_model, parameter_count
 from tiedlm.models.base import embedding_and_decoder_parameters
@@ -109,6 +109,7 @@ class TinyModel(LanguageModel):
 
 def test_a_registered_architecture_is_a_config_choice_with_its_own_keys(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "tiny", TinyModel)
+    monkeypatch.setitem(MODEL_SETTINGS, "tiny", TinyConfig)  # what @register("tiny") would add
     config = config_from_dict({"model": {"architecture": "tiny", "width_factor": 2, "hidden_size": 4}}, "t.toml")
     assert config.model == TinyConfig(hidden_size=4, width_factor=2)
     assert config.to_dict()["model"]["width_factor"] == 2

@@ -10,7 +10,7 @@ from tiedlm.bench import training_flops_per_token
 from tiedlm.config import Config, TrainConfig, load_config
 from tiedlm.models import build_model
 from tiedlm.models.rhn import HighwayRecurrence, NaiveRHN, RHNConfig, RHNLanguageModel
-from tiedlm.train import Trainer, learning_rate
+from tiedlm.training import Trainer, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 

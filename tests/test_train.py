@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from tiedlm.checkpoint import load_checkpoint, run_checkpoints
 from tiedlm.cli import main
 from tiedlm.config import TrainConfig, load_config
-from tiedlm.train import Trainer, learning_rate
+from tiedlm.training import Trainer, learning_rate
 
 
 def read_metrics(run):
@@ -136,7 +136,7 @@ def test_bf16_training_tracks_fp32(tmp_path, mode):
 
 def test_compile_settings_compile_the_loss_and_the_forward(config_file):
     from tiedlm.models import build_model
-    from tiedlm.train import TrainingStep
+    from tiedlm.training import TrainingStep
 
     def step(*settings):
         config = load_config(config_file, ["loss.augmented=true", *settings])

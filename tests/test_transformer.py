@@ -11,7 +11,7 @@ from tiedlm.cli import main
 from tiedlm.config import load_config
 from tiedlm.models import build_model
 from tiedlm.models.transformer import TransformerConfig
-from tiedlm.train import Trainer
+from tiedlm.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,7 @@ and the augmented loss (AL) on a variational-dropout LSTM (VD-LSTM).
 
 __version__ = "0.1.0"
 
+from tiedlm import models  # noqa: E402, F401  (registers every architecture's settings with tiedlm.config)
 from tiedlm.api import LanguageModel, Scores  # noqa: E402
 from tiedlm.loss import AugmentedLoss, augmented_kl  # noqa: E402
 

@@ -7,6 +7,10 @@ Folders are written under a temporary name and renamed into place, and removed
 by first renaming them away, so no reader, and no crash, can leave a
 half-written checkpoint under a real name. A write that fails (a full disk, say) removes its
 temporary folder and leaves whatever was there before as it was.
+
+Longer than 400 lines because every step of an atomic checkpoint write and every check of a
+loaded one stay in one module: tests/fault_harness.py kills a write inside these steps by name
+(save_model, _seal, _install_dir, remove_dir), so they must be looked up here.
 """
 
 from __future__ import annotations

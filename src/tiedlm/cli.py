@@ -5,6 +5,9 @@ code 2; nothing already written is overwritten. Options that the library checks
 (``generate``'s and ``score``'s) are passed to it as they are, and its
 :class:`~tiedlm.errors.InvalidArgument` is reported under the option's name, so
 the command line and the Python API refuse the same values with the same words.
+
+Longer than 400 lines because the argument parser of every command is here, one line per
+option; each command's handler only calls the library and prints.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ _int_list = _number_list(int, "integers")
 
 
 def _device(name: str = "auto"):
-    from tiedlm.train import resolve_device
+    from tiedlm.runtime import resolve_device
 
     return resolve_device(name)
 
@@ -191,36 +194,16 @@ def _cmd_train(args) -> int:
 def _train(args, world) -> int:
     import torch
 
-    from tiedlm.checkpoint import MODEL_FILE, load_checkpoint, load_latest_good
-    from tiedlm.config import apply_overrides, config_from_dict, load_config
     from tiedlm.distributed import init_world
-    from tiedlm.train import Interrupted, Trainer, resolve_device
+    from tiedlm.runtime import resolve_device
+    from tiedlm.training import Interrupted, Trainer, resolve_run
 
-    if args.config is None and args.resume is None:
-        raise TiedlmError("train: give a CONFIG, or --resume DIR")
-    if args.resume is not None:
-        resume = Path(args.resume)
-        if (resume / MODEL_FILE).exists():  # one checkpoint folder, inside RUN/checkpoints/ or RUN/best
-            run_dir = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-        elif resume.is_dir():
-            run_dir = resume
-        else:
-            raise TiedlmError(f"--resume {resume}: no such run or checkpoint folder")
-        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
-            raise TiedlmError(f"--out {args.out}: a resumed run continues in its own folder {run_dir}")
-        if args.config is not None:
-            config = load_config(args.config, args.overrides)
-        else:
-            source = load_checkpoint(resume) if resume != run_dir else load_latest_good(run_dir)[0]
-            saved = source.config.to_dict()  # apply_overrides blames a bad value on its --set
-            config = config_from_dict(apply_overrides(saved, args.overrides), f"checkpoint {source.path}")
-    else:
-        config = load_config(args.config, args.overrides)
-        run_dir = Path(args.out) if args.out else Path("runs") / config.name
+    config, run_dir = resolve_run(args.config, args.overrides, args.out, args.resume)
     device = resolve_device(config.train.device)
     init_world(world, torch.device("cuda", world.local_rank) if device.type == "cuda" else device)
     try:
-        trainer = Trainer(config, run_dir, resume=resume if args.resume is not None else None, world=world)
+        resume = Path(args.resume) if args.resume is not None else None
+        trainer = Trainer(config, run_dir, resume=resume, world=world)
         report = trainer.fit()
     except Interrupted as stop:
         if world.main:
@@ -242,35 +225,16 @@ def _train(args, world) -> int:
 
 
 def _cmd_eval(args) -> None:
-    from tiedlm.checkpoint import load_checkpoint
-    from tiedlm.data import load_corpus
-    from tiedlm.evaluate import evaluate
-    from tiedlm.precision import resolve_precision, warn_if_emulated
+    from tiedlm.evaluate import evaluate_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint, _device())
-    corpus = load_corpus(args.data or checkpoint.config.data.corpus, vocab=checkpoint.vocab)
-    batch_size = args.batch_size or checkpoint.config.data.eval_batch_size
-    config = checkpoint.config
-    precision, _ = resolve_precision(args.precision or config.train.precision, _device())
-    warn_if_emulated(precision, _device(), "--precision")
-    result = evaluate(
-        checkpoint.model, corpus.split(args.split), batch_size, config.data.bptt, precision,
-        where=corpus.describe(args.split), option="--batch-size" if args.batch_size else "data.eval_batch_size",
-    )  # fmt: skip
-    record = {
-        "checkpoint": str(checkpoint.path),
-        "corpus": corpus.name,
-        "split": args.split,
-        "batch_size": batch_size,
-        "precision": precision,
-        "tokens": result.tokens,
-        "loss": result.loss,
-        "perplexity": result.perplexity,
-    }
+    record = evaluate_checkpoint(args.checkpoint, args.split, args.batch_size, args.data, args.precision)
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"{args.split} perplexity {result.perplexity:.2f} ({result.tokens} tokens, batch size {batch_size})")
+        print(
+            f"{args.split} perplexity {record['perplexity']:.2f} ({record['tokens']} tokens, "
+            f"batch size {record['batch_size']})"
+        )
 
 
 def _cmd_generate(args) -> None:
@@ -337,32 +301,13 @@ def _cmd_bench(args) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
-def _configs_folder(given: str | None) -> Path:
-    """--configs, else ./configs (a checkout), else the configs installed with the package."""
-    if given is not None:
-        return Path(given)
-    if Path("configs").is_dir():
-        return Path("configs")
-    from importlib import resources
-
-    return Path(str(resources.files("tiedlm") / "configs"))
-
-
 def _cmd_reproduce(args) -> int:
-    from tiedlm.config import load_config
-    from tiedlm.reproduce import collect, plan, set_aside, train_all
+    from tiedlm.reproduce import check_overrides, collect, configs_folder, plan, reproduce_command, set_aside, train_all
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    plans = plan(args.table, variants, _configs_folder(args.configs), Path(args.runs))
-    for item in plans:  # check the overrides against every config before anything starts
-        load_config(item.config, args.overrides)
-    command = f"tiedlm reproduce {args.table}"
-    if variants != ["vd", "al", "re", "real"]:
-        command += f" --variants {','.join(variants)}"
-    command += "".join(f" --set {text}" for text in args.overrides)
-    for option, value, default in (("--runs", args.runs, "runs"), ("--results", args.results, "results")):
-        if value != default:  # where the results came from and go: part of the command to re-run
-            command += f" {option} {value}"
+    plans = plan(args.table, variants, configs_folder(args.configs), Path(args.runs))
+    check_overrides(plans, args.overrides)  # against every config, before anything starts
+    command = reproduce_command(args.table, variants, args.overrides, args.runs, args.results)
     code = None
     if not args.collect_only:
         if args.rerun:
@@ -416,13 +361,8 @@ def _command_line(args) -> str:
 
 def _analyze_subspace(args) -> None:
     import dataclasses
-    import time
 
-    import torch
-
-    from tiedlm.analysis import SubspaceSettings, run_subspace, write_subspace_results
-    from tiedlm.data import load_corpus
-    from tiedlm.runtime import git_commit, hardware
+    from tiedlm.analysis import SubspaceSettings, subspace_study
 
     settings = SubspaceSettings()
     for name in ("betas", "taus", "seeds", "epochs", "words"):
@@ -435,53 +375,29 @@ def _analyze_subspace(args) -> None:
     for tau in settings.taus:
         if tau <= 0:
             raise TiedlmError(f"--taus: {tau:g} must be > 0")
-    corpus = load_corpus("ptb")
     pairs, seeds = len(settings.grid()), len(settings.seeds)
     print(f"subspace: {pairs * seeds} runs ({pairs} (β, τ) × {seeds} seeds), {args.jobs} at a time")
-    began = time.perf_counter()
 
     def progress(run, done, total):
         print(f"[{done}/{total}] β={run['beta']:g} τ={run['tau']:g} seed {run['seed']}: distance "
               f"{run['distance']:.3f} ({run['wall_s']:.0f} s)", flush=True)  # fmt: skip
 
-    runs = run_subspace(corpus.train, len(corpus.vocab), settings, jobs=args.jobs, progress=progress)
-    threads = 1 if args.jobs > 1 else torch.get_num_threads()
-    record = {
-        "command": _command_line(args),
-        "runs": len(runs),
-        "jobs": args.jobs,
-        "hardware": hardware(torch.device("cpu")).rsplit(",", 1)[0] + f", {threads} thread(s) per run",
-        "wall_s": time.perf_counter() - began,
-        "commit": git_commit(),
-        "torch": torch.__version__,
-    }
-    write_subspace_results(runs, settings, args.out, record)
+    record = subspace_study(settings, args.jobs, args.out, _command_line(args), progress)
     print(f"wrote {Path(args.out) / 'subspace.md'} ({record['wall_s'] / 60:.1f} min)")
 
 
 def _analyze_predictions(args) -> None:
-    import random
     import time
 
-    from tiedlm.analysis import describe_checkpoint, prediction_study, predictions_markdown, top_predictions
-    from tiedlm.checkpoint import load_checkpoint, write_text_atomic
-    from tiedlm.data import load_corpus
-    from tiedlm.runtime import git_commit, hardware
+    from tiedlm.analysis.predictions import compare_predictions, context_predictions, load_pair
 
     if not args.context and not args.report:
         raise TiedlmError("analyze predictions: give --context TEXT (repeatable) and/or --report FILE")
     began = time.perf_counter()
-    device = _device()
-    models = [load_checkpoint(path, device) for path in (args.checkpoint_a, args.checkpoint_b)]
-    if models[0].vocab != models[1].vocab:
-        raise TiedlmError(f"{args.checkpoint_b}: its vocabulary differs from that of {args.checkpoint_a}")
-    vocab = models[0].vocab
+    models = load_pair(args.checkpoint_a, args.checkpoint_b, _device())
     contexts = []
     for context in args.context:
-        tops = []
-        for checkpoint in models:
-            top, unknown = top_predictions(checkpoint.model, vocab, context, args.k)
-            tops.append(top)
+        tops, unknown = context_predictions(models, context, args.k)
         if unknown:
             print(f"tiedlm: warning: --context: not in the vocabulary, read as <unk>: {' '.join(unknown)}",
                   file=sys.stderr)  # fmt: skip
@@ -492,42 +408,10 @@ def _analyze_predictions(args) -> None:
             print(f"  {wa:<20} {pa:.3f}{'':<14}  {wb:<20} {pb:.3f}")
     if not args.report:
         return
-    corpus = load_corpus(models[0].config.data.corpus, vocab=vocab)
-    ids = corpus.split(args.split)
-    rng = random.Random(args.seed)
-    positions = sorted(rng.sample(range(10, ids.numel()), min(args.examples, ids.numel() - 10)))
-    bptt = models[0].config.data.bptt
-    stats = {}
-    for m, checkpoint in enumerate(models):
-        for r, reference in enumerate(models):
-            stats[(m, r)] = prediction_study(checkpoint.model, vocab, ids, reference.model.embedding.weight,
-                                             bptt=bptt, example_positions=positions)  # fmt: skip
-    examples = []
-    for example_a, example_b in zip(stats[(0, 0)].examples, stats[(1, 1)].examples, strict=True):
-        position = example_a["position"]
-        examples.append(
-            {
-                "context": " ".join(vocab.decode(ids[position - 10 : position].tolist())),
-                "target": example_a["target"],
-                "a": example_a,
-                "b": example_b,
-            }
-        )
-    record = {
-        "command": _command_line(args),
-        "split": args.split,
-        "seed": args.seed,
-        "hardware": hardware(device),
-        "commit": git_commit(),
-        "wall_s": time.perf_counter() - began,
-    }
-    names = tuple(
-        describe_checkpoint(path, checkpoint.config, checkpoint.trainer_state)
-        for path, checkpoint in zip((args.checkpoint_a, args.checkpoint_b), models, strict=True)
-    )
-    text = predictions_markdown(names, stats, contexts, examples, record)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(args.report), text)
+    stats = compare_predictions(
+        models, (args.checkpoint_a, args.checkpoint_b), contexts, args.report, split=args.split,
+        examples=args.examples, seed=args.seed, command=_command_line(args), began=began,
+    )  # fmt: skip
     for name, key in (("A", (0, 0)), ("B", (1, 1))):
         s = stats[key]
         print(f"{name}: perplexity {s.perplexity:.2f}, p(<unk>) {s.unk_mass:.4f}, p(top-10 frequent) "

@@ -142,24 +142,44 @@ class Config:
         return dataclasses.asdict(self) | {"model": model_table(self.model)}
 
 
+# model.architecture → its settings class, in registration order. tiedlm.models.register fills it
+# (so that this module never imports the models, which import it); importing any part of tiedlm
+# imports tiedlm.models first (tiedlm/__init__.py), so it is full before a config is read.
+MODEL_SETTINGS: dict[str, type[ModelConfig]] = {}
+
+
+def settings(config_class: type[ModelConfig]) -> list[str]:
+    """The keys of the ``[model]`` table an architecture with these settings reads."""
+    return [f.name for f in dataclasses.fields(config_class) if f.name not in config_class.unused]
+
+
+def table_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Every key the flat ``[model]`` table can hold, in file order, with the field (checks and
+    default) and type of its first owner: the shared settings, then each architecture's own."""
+    fields: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for cls in MODEL_SETTINGS.values():
+        hints = typing.get_type_hints(cls)
+        for spec in dataclasses.fields(cls):
+            fields.setdefault(spec.name, (spec, hints[spec.name]))
+    return fields
+
+
+def field_default(spec: dataclasses.Field) -> Any:
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
 def _model_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
     """Every key of the flat ``[model]`` table: (field, type) of the architecture that has it."""
-    from tiedlm.models import table_fields  # imported here: the models import this module
-
     return table_fields()
 
 
 def _architecture_choice() -> dict:
-    from tiedlm.models import ARCHITECTURES
-
-    return choice(*ARCHITECTURES)
+    return choice(*MODEL_SETTINGS)
 
 
 def model_table(model: ModelConfig) -> dict[str, Any]:
     """The flat ``[model]`` table of ``model``: every architecture's keys, in file order, the ones
     ``model`` does not have at their defaults (so a config.json reads the same at any commit)."""
-    from tiedlm.models import field_default
-
     own = {f.name for f in dataclasses.fields(model)}
     return {
         name: getattr(model, name) if name in own else field_default(spec)
@@ -168,15 +188,13 @@ def model_table(model: ModelConfig) -> dict[str, Any]:
 
 
 def _model_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
-    """The ``[model]`` table as the settings class of its ``architecture`` (tiedlm.models registry).
+    """The ``[model]`` table as the settings class of its ``architecture`` (MODEL_SETTINGS).
 
     Another architecture's key is taken only at its default (and then dropped): a saved
     config.json holds the whole flat table.
     """
-    from tiedlm.models import ARCHITECTURES, field_default, settings
-
     architecture = _coerce(where, "model.architecture", raw.get("architecture", "lstm"), str, _architecture_choice())
-    cls = ARCHITECTURES[architecture].config_class
+    cls = MODEL_SETTINGS[architecture]
     own = settings(cls)
     every = _model_fields()
     hints = typing.get_type_hints(cls)
@@ -189,7 +207,7 @@ def _model_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
         elif key in every:
             spec, kind = every[key]
             if _coerce(where, name, value, kind, spec.metadata) != field_default(spec):
-                owners = [a for a, model in ARCHITECTURES.items() if key in settings(model.config_class)]
+                owners = [a for a, owner in MODEL_SETTINGS.items() if key in settings(owner)]
                 raise TiedlmError(
                     f"{where}: unknown key {name!r} for model.architecture {architecture!r} "
                     f"(a key of {', '.join(owners)})"

@@ -9,7 +9,7 @@ the augmented loss keeps its trainable target and the full softmax.
     ─────────────────────────────────────────         ─────────────────────────────────────
     copy inputs, targets, state → static buffers      forward: embedding, masked recurrence,
     draw the masks with the run's mask generator        decoder; the loss, with the AL target
-      (the same calls, in the same order, as            side over every token (static_loss.py)
+      (the same calls, in the same order, as            side over every token (loss/static.py)
       eager training) → static buffers                backward, gradient clipping
     read the sums (one sync), the non-finite          the sums [Σ ce, Σ kl, objective, norm]
       check, the SGD/AdamW update

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,3 +59,38 @@ def evaluate(
         count += targets.numel()
     model.train(was_training)
     return Evaluation(total / count, count)
+
+
+def evaluate_checkpoint(
+    path: str, split: str, batch_size: int | None = None, data: str | None = None, precision: str | None = None
+) -> dict[str, Any]:
+    """``tiedlm eval``: the perplexity of a checkpoint (or a run's best/) on one split.
+
+    Defaults are the checkpoint's own: its corpus, its config's ``data.eval_batch_size`` and the
+    precision it was trained in. Returns the record ``tiedlm eval --json`` prints."""
+    from tiedlm.checkpoint import load_checkpoint
+    from tiedlm.data import load_corpus
+    from tiedlm.precision import resolve_precision, warn_if_emulated
+    from tiedlm.runtime import resolve_device
+
+    device = resolve_device("auto")
+    checkpoint = load_checkpoint(path, device)
+    config = checkpoint.config
+    corpus = load_corpus(data or config.data.corpus, vocab=checkpoint.vocab)
+    size = batch_size or config.data.eval_batch_size
+    resolved, _ = resolve_precision(precision or config.train.precision, device)
+    warn_if_emulated(resolved, device, "--precision")
+    result = evaluate(
+        checkpoint.model, corpus.split(split), size, config.data.bptt, resolved,
+        where=corpus.describe(split), option="--batch-size" if batch_size else "data.eval_batch_size",
+    )  # fmt: skip
+    return {
+        "checkpoint": str(checkpoint.path),
+        "corpus": corpus.name,
+        "split": split,
+        "batch_size": size,
+        "precision": resolved,
+        "tokens": result.tokens,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+    }

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tiedlm.errors import TiedlmError
+from tiedlm.run_folder import RunFolder
 
 
 def read_run_metrics(run_dir: Path) -> list[dict]:
     """The per-epoch records of RUN/metrics.jsonl; a one-line error if there are none."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    folder = RunFolder(run_dir)
+    if not folder.metrics.is_file():
         raise TiedlmError(f"{run_dir}: not a run folder (no metrics.jsonl)")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise TiedlmError(f"{path}:{number}: not a JSON line") from None
-        if isinstance(record, dict) and "valid_ppl" in record and "epoch" in record:
-            records.append(record)
+    records = folder.epochs()
     if not records:
-        raise TiedlmError(f"{path}: no finished epoch yet")
+        raise TiedlmError(f"{folder.metrics}: no finished epoch yet")
     return records
 
 

@@ -13,17 +13,15 @@ logs alone:
     results/ptb-small.png    validation learning curves
     results/ptb-small/       each run's metrics.jsonl, run.json and final.json (the logs the
                              tables come from; checkpoints stay in the run folders)
+
+The runs are trained by the experiment scheduler (tiedlm/experiments.py); the markdown and
+the plot are rendered by tiedlm/results_table.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from tiedlm.errors import TiedlmError
+from tiedlm.experiments import Job, run_jobs
+from tiedlm.results_table import plot_curves, render_markdown
+from tiedlm.run_folder import RunFolder, current_final, read_epochs, read_json
 
 VARIANTS = ("vd", "al", "re", "real")
 VARIANT_NAMES = {"vd": "VD", "al": "VD + AL", "re": "VD + RE", "real": "VD + RE + AL (REAL)"}
@@ -41,7 +42,6 @@ TABLES = {
     "wikitext-2-small": ("wikitext-2", "small"),
     "wikitext-2-medium": ("wikitext-2", "medium"),
 }
-METRICS, RUN_INFO, FINAL = "metrics.jsonl", "run.json", "final.json"
 
 
 @dataclass
@@ -67,18 +67,17 @@ class Plan:
         return self.variant if self.stage == 1 else f"{self.variant}-stage{self.stage}"
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    @property
     def finished(self) -> bool:
         """It has a final.json newer than its last epoch (a run resumed after it ended keeps the old one)."""
-        final = self.run_dir / FINAL
-        if not final.is_file():
-            return False
-        metrics = self.run_dir / METRICS
-        epochs = read_metrics(metrics) if metrics.is_file() else []
-        return not epochs or epochs[-1]["epoch"] <= _read_json(final).get("epochs", 0)
+        return self.folder.finished
 
     @property
     def started(self) -> bool:
-        return (self.run_dir / "checkpoints").is_dir()
+        return self.folder.started
 
     @property
     def ready(self) -> bool:
@@ -109,17 +108,47 @@ def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Pla
     return plans
 
 
+def configs_folder(given: str | None) -> Path:
+    """--configs, else ./configs (a checkout), else the configs installed with the package."""
+    if given is not None:
+        return Path(given)
+    if Path("configs").is_dir():
+        return Path("configs")
+    from importlib import resources
+
+    return Path(str(resources.files("tiedlm") / "configs"))
+
+
+def check_overrides(plans: list[Plan], overrides: list[str]) -> None:
+    """Check the ``--set`` overrides against every plan's config (a one-line error for a bad one)."""
+    from tiedlm.config import load_config
+
+    for item in plans:
+        load_config(item.config, overrides)
+
+
+def reproduce_command(table: str, variants: list[str], overrides: list[str], runs: str, results: str) -> str:
+    """The ``tiedlm reproduce`` command that regenerates a table, as TABLE.md records it."""
+    command = f"tiedlm reproduce {table}"
+    if variants != list(VARIANTS):
+        command += f" --variants {','.join(variants)}"
+    command += "".join(f" --set {text}" for text in overrides)
+    for option, value, default in (("--runs", runs, "runs"), ("--results", results, "results")):
+        if value != default:  # where the results came from and go: part of the command to re-run
+            command += f" {option} {value}"
+    return command
+
+
+def job(item: Plan, overrides: list[str], after: Job | None = None) -> Job:
+    """One stage as a job of the scheduler (tiedlm/experiments.py); a later stage starts from the
+    best weights of the one before (``train.init_from``)."""
+    start = [f"train.init_from={item.previous.run_dir}"] if item.previous is not None else []
+    return Job(f"{item.table}/{item.key}", item.config, item.run_dir, list(overrides), start, after)
+
+
 def train_command(item: Plan, overrides: list[str]) -> list[str]:
     """The ``tiedlm train`` call for one stage: a fresh run, or the continuation of an interrupted one."""
-    if item.started:
-        command = ["train", "--resume", str(item.run_dir)]
-    else:
-        command = ["train", str(item.config), "--out", str(item.run_dir)]
-        if item.previous is not None:
-            command += ["--set", f"train.init_from={item.previous.run_dir}"]
-    for text in overrides:
-        command += ["--set", text]
-    return command
+    return job(item, overrides).command()
 
 
 def set_aside(run_dir: Path) -> Path:
@@ -132,92 +161,22 @@ def set_aside(run_dir: Path) -> Path:
 def train_all(
     plans: list[Plan], overrides: list[str], jobs: int, say=print, python: str = sys.executable
 ) -> int | None:
-    """Train the plans' unfinished runs, ``jobs`` at a time.
+    """Train the plans' unfinished runs, ``jobs`` at a time (tiedlm/experiments.py's :func:`run_jobs`).
 
     Returns None when all finished, 128 + signal if stopped by one, 1 if a trainer failed.
 
     SIGINT/SIGTERM are passed on to the running trainers, which write a checkpoint and exit;
     the next ``tiedlm reproduce`` resumes them.
     """
-    todo = [item for item in plans if not item.finished]
-    env = dict(os.environ)
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    running: dict[subprocess.Popen, Plan] = {}
-    stop: list[int] = []
-    failed: list[str] = []
-
-    def forward(signum, frame):
-        if not stop:
-            say(f"reproduce: {signal.Signals(signum).name}: stopping the running trainers (they checkpoint first)")
-        stop.append(signum)
-        for proc in running:
-            proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while running or (not stop and any(item.ready for item in todo)):
-            while not stop and len(running) < jobs and any(item.ready for item in todo):
-                item = next(item for item in todo if item.ready)  # a later stage waits for the one before
-                todo.remove(item)
-                command = [python, "-m", "tiedlm", *train_command(item, overrides)]
-                item.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                log_path = item.run_dir.parent / f"{item.key}.log"
-                with open(log_path, "a", encoding="utf-8") as log:
-                    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-                running[proc] = item
-                say(f"{item.table}/{item.key}: training ({' '.join(['tiedlm', *command[3:]])}; log {log_path})")
-            if not running:
-                break
-            finished = _wait_any(running)
-            item = running.pop(finished)
-            code = finished.returncode
-            if code == 0:
-                final = json.loads((item.run_dir / FINAL).read_text(encoding="utf-8"))
-                say(f"{item.table}/{item.key}: done, valid {final['valid_ppl']:.2f}, test {final['test_ppl']:.2f}")
-            elif code in (130, 143):
-                say(f"{item.table}/{item.key}: stopped with a checkpoint; `tiedlm reproduce` again resumes it")
-            else:
-                failed.append(item.key)
-                log_path = item.run_dir.parent / f"{item.key}.log"
-                say(f"{item.table}/{item.key}: tiedlm train failed (exit {code}); see {log_path}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if stop:
-        return 128 + stop[0]
-    return 1 if failed else None
-
-
-def _wait_any(running: dict[subprocess.Popen, Plan]) -> subprocess.Popen:
-    while True:
-        for proc in running:
-            if proc.poll() is not None:
-                return proc
-        time.sleep(0.5)
+    scheduled: dict[int, Job] = {}
+    for item in plans:
+        after = scheduled.get(id(item.previous)) if item.previous is not None else None
+        scheduled[id(item)] = job(item, overrides, after)
+    todo = list(scheduled.values())
+    return run_jobs(todo, jobs, say, python, name="reproduce", again="`tiedlm reproduce` again")
 
 
 # --- collecting results ---------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TiedlmError(f"{path}: missing (the run folder is incomplete)") from None
-    except (OSError, ValueError) as exc:
-        raise TiedlmError(f"{path}: unreadable ({exc})") from None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a metrics.jsonl (other events skipped)."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "valid_ppl" in record and "epoch" in record:
-                records.append(record)
-    return records
 
 
 def count_parameters(config: dict[str, Any], vocab_size: int) -> int:
@@ -229,20 +188,8 @@ def count_parameters(config: dict[str, Any], vocab_size: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _vocab_size(run_dir: Path) -> int:
-    vocab = run_dir / "best" / "vocab.txt"
-    if not vocab.is_file():
-        raise TiedlmError(f"{vocab}: missing (no epoch has finished yet)")
-    return sum(1 for line in vocab.read_text(encoding="utf-8").splitlines() if line)
-
-
 def _command_text(argv: list[str]) -> str:
     return " ".join(["tiedlm", *argv[1:]])
-
-
-def _collapse_repeats(items: list[str]) -> list[tuple[str, int]]:
-    """Consecutive equal items as (item, how many): a run resumed twice the same way is one line."""
-    return [(item, len(list(group))) for item, group in itertools.groupby(items)]
 
 
 def hardware_text(info: dict[str, Any]) -> str:
@@ -288,12 +235,8 @@ def config_drift(run_config: dict[str, Any], config_file: Path) -> list[dict[str
 
 def run_files(item: Plan, results: Path) -> dict[str, Path] | None:
     """Where a stage's logs are: its run folder, or (a fresh clone) the copies in ``results/TABLE/``."""
-    in_run = {
-        "metrics": item.run_dir / METRICS,
-        "run": item.run_dir / RUN_INFO,
-        "final": item.run_dir / FINAL,
-        "config": item.run_dir / "config.json",
-    }
+    folder = item.folder
+    in_run = {"metrics": folder.metrics, "run": folder.run_info, "final": folder.final, "config": folder.config}
     if in_run["metrics"].is_file():
         return in_run
     logs = results / item.table
@@ -309,20 +252,18 @@ def run_files(item: Plan, results: Path) -> dict[str, Path] | None:
 def _parameters(item: Plan, info: dict[str, Any], config: dict[str, Any]) -> int | None:
     if "parameters" in info:
         return info["parameters"]
-    vocab = item.run_dir / "best" / "vocab.txt"
-    return count_parameters(config, _vocab_size(item.run_dir)) if vocab.is_file() else None
+    vocab = item.folder.best / "vocab.txt"
+    return count_parameters(config, item.folder.vocab_size()) if vocab.is_file() else None
 
 
 def collect_run(item: Plan, files: dict[str, Path]) -> dict[str, Any] | None:
     """One stage's row of the results: finished, or in progress (``status`` says which)."""
-    config = _read_json(files["config"])
-    info = _read_json(files["run"])
-    metrics = read_metrics(files["metrics"])
+    config = read_json(files["config"])
+    info = read_json(files["run"])
+    metrics = read_epochs(files["metrics"])
     if not metrics:
         return None
-    final = _read_json(files["final"]) if files["final"].is_file() else None
-    if final is not None and metrics[-1]["epoch"] > final.get("epochs", 0):
-        final = None  # resumed after it ended: the old final.json is out of date
+    final = current_final(files["final"], metrics)  # None if resumed after it ended: out of date
     paper = config.get("paper", {})
     stretches = [info, *info.get("resumed", [])]
     row = {
@@ -452,234 +393,3 @@ def _write_text(path: Path, text: str) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
-
-
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tiedlm.plot import perplexity_axis
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for index, row in enumerate(rows):
-        color, offset = f"C{index}", 0
-        for stage in row.get("stage_rows", [row]):  # a later stage continues the curve of the one before
-            epochs = [offset + point["epoch"] for point in stage["curve"]]
-            label = f"{row['name']} valid" + (f", stage {stage['stage']}" if stage.get("stages", 1) > 1 else "")
-            style = "-" if stage["stage"] == row.get("stages", 1) else "--"
-            ax.plot(epochs, [p["valid_ppl"] for p in stage["curve"]], style, color=color, marker=".", label=label)
-            offset = epochs[-1]
-        if row["paper_valid"]:
-            ax.axhline(row["paper_valid"], color=color, linestyle=":", linewidth=1)
-    perplexity_axis(ax)
-    ax.set_xlabel("epoch (a later stage's epochs follow the earlier one's)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(f"{title}: validation perplexity (dotted: the paper's final value)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _number(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _millions(count: int | None) -> str:
-    return "—" if count is None else f"{count / 1e6:.2f}M"
-
-
-def _delta(ours: float | None, paper: float | None) -> str:
-    if ours is None or paper is None:
-        return "—"
-    return f"{ours - paper:+.1f}"
-
-
-def ordering(rows: list[dict[str, Any]], key: str) -> str:
-    """``REAL 82.7 < AL 82.9 < …``: the variants sorted by a perplexity column; ties (as shown) read ``=``."""
-    present = [r for r in rows if r.get(key) is not None]
-    present.sort(key=lambda r: r[key])
-    text = ""
-    for index, row in enumerate(present):
-        shown = f"{row[key]:.1f}"
-        if index:
-            text += " = " if f"{present[index - 1][key]:.1f}" == shown else " < "
-        text += f"{row['variant'].upper()} {shown}"
-    return text
-
-
-# The order the paper reports for PTB small (docs/method.md §7), checked for every row group:
-# REAL ≤ AL < RE < VD, best first.
-CLAIMED_ORDER = ("real", "al", "re", "vd")
-
-
-def ordering_verdict(rows: list[dict[str, Any]], key: str) -> str:
-    """Whether finished runs keep the claimed order REAL ≤ AL < RE < VD, pair by pair (missing variants skipped)."""
-    by_variant = {r["variant"]: r[key] for r in rows if r.get(key) is not None and r["variant"] in CLAIMED_ORDER}
-    present = [v for v in CLAIMED_ORDER if v in by_variant]
-    if len(present) < 2:
-        return "too few finished runs to check"
-    broken = []
-    for i, better in enumerate(present):
-        for worse in present[i + 1 :]:
-            allowed_tie = (better, worse) == ("real", "al")
-            a, b = by_variant[better], by_variant[worse]
-            if a > b or (a == b and not allowed_tie):
-                broken.append(f"{worse.upper()} {b:.2f} ≤ {better.upper()} {a:.2f}")
-    runs = ", ".join(v.upper() for v in present)
-    if not broken:
-        return f"holds ({runs})"
-    return f"does not hold ({runs}): " + "; ".join(broken)
-
-
-def fit_lines(rows: list[dict[str, Any]], window: int = 5) -> list[str]:
-    """A table of where each run stands at its last epoch: the train/valid gap and the recent valid gain.
-
-    A run whose valid perplexity still falls was stopped by its schedule, not by overfitting; a
-    train perplexity (dropout on) close to valid says the model underfits rather than overfits.
-    """
-    lines = [
-        "## Fit at the last epoch",
-        "",
-        "Train perplexity is measured during training, with dropout on. The gain is the mean fall",
-        f"of valid perplexity per epoch over the last {window} epochs (> 0: still improving).",
-        "",
-        f"| variant | epoch | lr | train | valid | valid − train | valid gain per epoch (last {window}) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        curve = row["curve"]
-        last = curve[-1]
-        recent = curve[-(window + 1) :]
-        gain = (recent[0]["valid_ppl"] - last["valid_ppl"]) / (len(recent) - 1) if len(recent) > 1 else None
-        lr = "—" if last.get("lr") is None else f"{last['lr']:.3g}"
-        lines.append(
-            f"| {row['name']} | {last['epoch']} | {lr} | {last['train_ppl']:.1f} | {last['valid_ppl']:.1f} "
-            f"| {last['valid_ppl'] - last['train_ppl']:+.1f} | {'—' if gain is None else f'{gain:+.2f}'} |"
-        )
-    return lines + [""]
-
-
-def _stage_name(row: dict[str, Any]) -> str:
-    return row["name"] + (f", stage {row['stage']}" if row.get("stages", 1) > 1 else "")
-
-
-def stage_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """A section with every training stage of the variants trained in stages (none: no section)."""
-    staged = [row for row in rows if row.get("stages", 1) > 1]
-    if not staged:
-        return []
-    lines = [
-        "## Training stages",
-        "",
-        "The paper trained these cells in stages (its footnote 4; docs/method.md): each stage after the",
-        "first starts from the best weights of the one before, with the schedule started again from the",
-        "config's lr. The table above reports the last stage. Each stage stops by the config's rule:",
-        "`train.max_epochs`, or `train.patience` epochs without a better validation perplexity.",
-        "",
-        "| variant | stage | valid | test | epochs (best) | wall | status |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for row in staged:
-        for stage in row["stage_rows"]:
-            status = stage["status"] if stage["status"] != "finished" else f"stopped by {stage['stopped_by']}"
-            lines.append(
-                f"| {row['name']} | {stage['stage']} of {stage['stages']} | {_number(stage['valid'], 2)} "
-                f"| {_number(stage['test'], 2)} | {stage['epochs']} ({stage['best_epoch']}) "
-                f"| {stage['wall_s'] / 60:.0f} min | {status} |"
-            )
-        for missing in range(len(row["stage_rows"]) + 1, row["stages"] + 1):
-            lines.append(f"| {row['name']} | {missing} of {row['stages']} | — | — | — | — | not started |")
-    return lines + [""]
-
-
-def render_markdown(
-    table: str, rows: list[dict[str, Any]], command: str, paper: list[dict[str, Any]] | None = None
-) -> str:
-    """TABLE.md; ``paper`` (variant, paper_valid, paper_test) orders the paper's numbers for every variant."""
-    paper = paper or rows
-    corpus, size = TABLES[table]
-    lines = [
-        f"# {corpus} {size}: the paper's four variants, reproduced",
-        "",
-        f"Generated by `{command}` from the run logs in [`{table}/`]({table}/) (do not edit by hand;",
-        f"the same numbers are in [`{table}.json`]({table}.json)). Paper: Inan, Khosravi, Socher (2017),",
-        "Table 1 (docs/method.md §7). Valid/test are of the best-validation checkpoint, evaluated with the config's",
-        "evaluation batch size; Δ = ours − paper.",
-        "",
-        "| variant | paper valid | paper test | valid | test | Δ valid | Δ test | params | epochs (best) "
-        "| wall | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for row in rows:
-        status = row["status"] if row["status"] != "finished" else f"stopped by {row['stopped_by']}"
-        if row["status"] != "finished":
-            status += f" (best valid so far {row['best_valid_so_far']:.2f})"
-        if row.get("stages", 1) > 1:
-            status = f"stage {row['stage']} of {row['stages']}: {status}"
-        lines.append(
-            f"| {row['name']} | {_number(row['paper_valid'])} | {_number(row['paper_test'])} "
-            f"| {_number(row['valid'], 2)} | {_number(row['test'], 2)} "
-            f"| {_delta(row['valid'], row['paper_valid'])} | {_delta(row['test'], row['paper_test'])} "
-            f"| {_millions(row['params'])} "
-            f"| {row['epochs']} ({row['best_epoch']}) "
-            f"| {row['wall_s'] / 60:.0f} min | {status} |"
-        )
-    finished = [r for r in rows if r["status"] == "finished"]
-    lines += ["", "## Ordering", ""]
-    lines.append(f"- paper, test: {ordering(paper, 'paper_test')}")
-    lines.append(f"- ours, test: {ordering(finished, 'test') or '(no finished run yet)'}")
-    lines.append(f"- paper, valid: {ordering(paper, 'paper_valid')}")
-    lines.append(f"- ours, valid: {ordering(finished, 'valid') or '(no finished run yet)'}")
-    lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on test: {ordering_verdict(finished, 'test')}")
-    lines.append(f"- the paper's claim REAL ≤ AL < RE < VD, ours on valid: {ordering_verdict(finished, 'valid')}")
-    stage_rows = [stage for row in rows for stage in row.get("stage_rows", [row])]
-    lines += ["", f"![validation learning curves]({table}.png)", "", *stage_lines(rows)]
-    lines += [*fit_lines(stage_rows), "## Runs", ""]
-    lines += [
-        "| variant | seed | precision | VD mode | hardware | commit | torch | log |",
-        "|---|---:|---|---|---|---|---|---|",
-    ]
-    for row in stage_rows:
-        commits = ", ".join(f"`{c[:8]}`" for c in row["commits"]) or "?"
-        lines.append(
-            f"| {_stage_name(row)} | {row['seed']} | {row['precision']} | {row['dropout_mode']} | {row['hardware']} "
-            f"| {commits} | {row['torch']} | [{row['key']}.jsonl]({row['log']}) |"
-        )
-    drifted = [row for row in stage_rows if row.get("differs_from_config")]
-    if drifted:
-        lines += [
-            "",
-            "Settings in which a run differs from its config file as it reads now (its own `--set`,",
-            "or the file edited after the run):",
-            "",
-        ]
-        for row in drifted:
-            changes = "; ".join(
-                f"`{d['key']}` {d['run']!r} (run) vs {d['file']!r} (file)" for d in row["differs_from_config"]
-            )
-            lines.append(f"- {_stage_name(row)} (`{row['config']}`): {changes}")
-    lines += ["", "Exact commands (each run alone; `tiedlm reproduce` issues the same ones):", ""]
-    for row in stage_rows:
-        lines.append(f"- {_stage_name(row)}: `{row['command']}`")
-        for resumed, times in _collapse_repeats(row["resumed"]):
-            lines.append(f"  - resumed{f' {times} times' if times > 1 else ''}: `{resumed}`")
-        if row["status"] == "in progress":
-            lines.append(
-                f"  - in progress after {row['epochs']} of {row['max_epochs']} epochs: the command at the top of "
-                "this file again resumes it from its last checkpoint (on a GPU, say)"
-            )
-        elif row["stopped_by"] == "time_limit" and row["epochs"] < row["max_epochs"]:
-            lines.append(
-                f"  - stopped by its time limit after {row['epochs']} of {row['max_epochs']} epochs; to go on "
-                f"(on a GPU, say): `tiedlm train --resume {row['run_dir']} --set train.time_limit_minutes=0`, "
-                "then the command at the top of this file again (it collects finished runs)"
-            )
-    lines.append("")
-    return "\n".join(lines)

@@ -1,4 +1,10 @@
-"""Process-level settings that make CPU training fast.
+"""The process and the machine it runs on: the device, the allocator, and what a run records of them.
+
+:func:`provenance` is the one record of where a result came from (command, commit, torch
+version, hardware, threads, CPU features); run.json, the analyses' reports and the benchmarks
+all take it from there.
+
+Allocator tuning, for CPU training speed:
 
 PyTorch's CPU allocator hands large tensors to glibc's malloc, which serves
 every block above 32 MiB (dynamically lowered to the last freed size, so in
@@ -19,6 +25,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -69,6 +76,43 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def resolve_device(name: str):
+    """``train.device`` as a torch.device: auto → cuda where available, else cpu."""
+    import torch
+
+    from tiedlm.errors import TiedlmError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TiedlmError(f"train.device: {name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TiedlmError(f"train.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def provenance(device, command: list[str] | str | None = None) -> dict[str, Any]:
+    """Where a result comes from: the command (default ``sys.argv``), the commit of the source, the
+    torch version, the hardware in words, the thread count and, on a CPU, the features that decide
+    its precision and kernels (:func:`tiedlm.precision.cpu_features`)."""
+    import torch
+
+    from tiedlm.precision import cpu_features
+
+    record: dict[str, Any] = {
+        "command": list(sys.argv) if command is None else command,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "hardware": hardware(device),
+        "threads": torch.get_num_threads(),
+    }
+    if getattr(device, "type", str(device)) == "cpu":
+        record["cpu_features"] = cpu_features().describe()
+    return record
 
 
 def available_memory() -> int | None:

@@ -24,7 +24,7 @@ largest probability), so the backward passes reuse ŷ instead of exponentiating 
 the target side's matrix products (L[y]·Lᵀ and the gradient into L)
 take their inputs in the logits' dtype, so bf16 training runs them in bf16 like the decoder.
 
-One file of ~400 lines: the forward and backward passes share one block layout and read best together.
+Longer than 400 lines because the forward and backward passes share one block layout and read best together.
 """
 
 from __future__ import annotations

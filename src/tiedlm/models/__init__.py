@@ -6,9 +6,9 @@ import pkgutil
 
 from torch import nn
 
-from tiedlm.config import ModelConfig
+from tiedlm.config import ModelConfig, field_default, settings, table_fields
 from tiedlm.errors import TiedlmError
-from tiedlm.models.base import ARCHITECTURES, LanguageModel, field_default, register, settings, table_fields
+from tiedlm.models.base import ARCHITECTURES, LanguageModel, register
 from tiedlm.models.lstm import LSTMLanguageModel
 from tiedlm.models.rhn import RHNConfig, RHNLanguageModel
 from tiedlm.models.transformer import TransformerConfig, TransformerLanguageModel

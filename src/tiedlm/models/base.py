@@ -14,19 +14,18 @@ The rest of tiedlm reads only what is written here:
     Model.parameter_count(config, |V|), Model.forward_flops_per_token(config, |V|, bptt=T)
 
 The registry also decides which keys of the flat ``[model]`` table belong to which architecture
-(tiedlm.config reads and writes that table through :func:`table_fields`).
+(tiedlm.config reads and writes that table through its MODEL_SETTINGS, which :func:`register` fills).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tiedlm.config import ModelConfig
+from tiedlm.config import MODEL_SETTINGS, ModelConfig
 
 ARCHITECTURES: dict[str, type[LanguageModel]] = {}  # model.architecture → class, in registration order
 
@@ -37,29 +36,10 @@ def register(name: str):
     def add(cls: type[LanguageModel]) -> type[LanguageModel]:
         cls.architecture = name
         ARCHITECTURES[name] = cls
+        MODEL_SETTINGS[name] = cls.config_class  # what tiedlm.config reads a [model] table into
         return cls
 
     return add
-
-
-def settings(config_class: type[ModelConfig]) -> list[str]:
-    """The keys of the ``[model]`` table an architecture with these settings reads."""
-    return [f.name for f in dataclasses.fields(config_class) if f.name not in config_class.unused]
-
-
-def table_fields() -> dict[str, tuple[dataclasses.Field, Any]]:
-    """Every key the flat ``[model]`` table can hold, in file order, with the field (checks and
-    default) and type of its first owner: the shared settings, then each architecture's own."""
-    fields: dict[str, tuple[dataclasses.Field, Any]] = {}
-    for cls in ARCHITECTURES.values():
-        hints = typing.get_type_hints(cls.config_class)
-        for field in dataclasses.fields(cls.config_class):
-            fields.setdefault(field.name, (field, hints[field.name]))
-    return fields
-
-
-def field_default(field: dataclasses.Field) -> Any:
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 class LanguageModel(nn.Module):
