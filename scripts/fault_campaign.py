@@ -28,10 +28,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import tiedlm.testing as harness
 
-import fault_harness as harness  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flip_middle_byte(path: Path) -> None:
@@ -558,7 +557,7 @@ rows are in [`reliability.json`](reliability.json).
 
 ## What was tried
 
-A small VD-LSTM with the augmented loss (tests/conftest.py's tiny config, 4
+A small VD-LSTM with the augmented loss (tiedlm.testing's tiny config, 4
 epochs) is trained in a child process and broken; the run is then resumed
 with `tiedlm train --resume RUN` until it completes. A case passes when its
 final weights are **bit-identical** to an uninterrupted run with the same

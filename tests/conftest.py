@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from tiedlm.cli import main
+from tiedlm.testing import TINY_CONFIG, write_config, write_corpus  # noqa: F401  (tests import them from here)
 
 
 def _inductor_cache_for_this_isa() -> None:
@@ -34,71 +34,10 @@ def _inductor_cache_for_this_isa() -> None:
 
 _inductor_cache_for_this_isa()
 
-TINY_CONFIG = """
-name = "tiny"
-seed = 3
-
-[data]
-corpus = "{corpus}"
-batch_size = 4
-bptt = 6
-eval_batch_size = 2
-
-[model]
-hidden_size = 12
-dropout = 0.3
-dropout_mode = "{mode}"
-tie_weights = {tie}
-init_range = 0.1
-
-[loss]
-augmented = {augmented}
-tau = 5.0
-gamma = 0.5
-
-[train]
-lr = 1.0
-lr_decay = 0.8
-lr_decay_start = 2
-max_epochs = 2
-patience = 3
-device = "cpu"
-"""
-
-
-def write_corpus(root: Path, words: int = 1500, vocab: int = 30, seed: int = 0, unk: bool = True) -> Path:
-    """A corpus whose text follows a simple pattern, so a model can learn it."""
-    rng = random.Random(seed)
-    lexicon = [f"w{i}" for i in range(vocab)] + (["<unk>"] if unk else [])
-
-    def text(n: int) -> str:
-        lines, line = [], []
-        for _ in range(n):
-            word = lexicon[(len(line) * 3 + rng.randrange(3)) % len(lexicon)]
-            line.append(word)
-            if len(line) >= rng.randrange(4, 12):
-                lines.append(" ".join(line))
-                line = []
-        lines.append(" ".join(line))
-        return "\n".join(lines) + "\n"
-
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train.txt").write_text(text(words) + " ".join(lexicon) + "\n")
-    (root / "valid.txt").write_text(text(words // 5))
-    (root / "test.txt").write_text(text(words // 5))
-    return root
-
 
 @pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")
-
-
-def write_config(path: Path, corpus: Path, *, mode: str = "exact", tie: bool = True, augmented: bool = True) -> Path:
-    path.write_text(
-        TINY_CONFIG.format(corpus=corpus, mode=mode, tie=str(tie).lower(), augmented=str(augmented).lower())
-    )
-    return path
 
 
 @pytest.fixture

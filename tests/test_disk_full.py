@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 
 import tiedlm.checkpoint as checkpoint_module
 from conftest import write_config, write_corpus
-from fault_harness import final_weights, same_weights, visible_files_intact
 from tiedlm.checkpoint import run_checkpoints
 from tiedlm.cli import main
 from tiedlm.errors import DiskFull
+from tiedlm.testing import final_weights, same_weights, visible_files_intact
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
 OPTIONS = ["--set", "train.max_epochs=3", "--set", "train.max_steps_per_epoch=4"]

@@ -7,7 +7,11 @@ import signal
 import pytest
 import torch
 
-from fault_harness import (
+from tiedlm.checkpoint import load_checkpoint, run_checkpoints
+from tiedlm.cli import main
+from tiedlm.config import load_config
+from tiedlm.errors import TiedlmError
+from tiedlm.testing import (
     KILL_POINTS,
     fault_config,
     final_weights,
@@ -19,10 +23,6 @@ from fault_harness import (
     visible_files_intact,
     wait_for,
 )
-from tiedlm.checkpoint import load_checkpoint, run_checkpoints
-from tiedlm.cli import main
-from tiedlm.config import load_config
-from tiedlm.errors import TiedlmError
 from tiedlm.training import RunLock, Trainer, TrainingStep, faults
 
 
@@ -290,3 +290,14 @@ def test_signal_during_the_final_evaluation_still_exits_with_its_code(tmp_path, 
         trainer.fit()
     assert info.value.exit_code == 130
     assert (tmp_path / "run" / "final.json").exists()  # the run itself is complete
+
+
+def test_the_fault_hook_names_a_bad_setting_and_ignores_other_points(monkeypatch):
+    from tiedlm.checkpoint import FAULT_ENV, fault_point
+    from tiedlm.errors import TiedlmError
+
+    monkeypatch.setenv(FAULT_ENV, "_seal:two")
+    with pytest.raises(TiedlmError, match="TIEDLM_FAULT_AT: expected POINT:N"):
+        fault_point("_seal")
+    monkeypatch.setenv(FAULT_ENV, "remove_dir:1")
+    fault_point("_seal")  # another point: nothing happens (the named one would kill this process)

@@ -8,9 +8,11 @@ by first renaming them away, so no reader, and no crash, can leave a
 half-written checkpoint under a real name. A write that fails (a full disk, say) removes its
 temporary folder and leaves whatever was there before as it was.
 
-Longer than 400 lines because every step of an atomic checkpoint write and every check of a
-loaded one stay in one module: tests/fault_harness.py kills a write inside these steps by name
-(save_model, _seal, _install_dir, remove_dir), so they must be looked up here.
+Between the steps of a write sit named fault points (:func:`fault_point`): the documented hook
+through which the tests and scripts/fault_campaign.py kill a write at a chosen moment.
+
+Longer than 400 lines because every step of an atomic checkpoint write, its fault points and
+every check of a loaded one stay in one module, where they read in order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,10 +153,38 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+FAULT_ENV = "TIEDLM_FAULT_AT"
+FAULT_POINTS = ("save_model", "_seal", "_install_dir", "remove_dir")
+_faults_reached: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """The fault hook (docs/faults.md): with ``TIEDLM_FAULT_AT=NAME:N`` in the environment, the
+    N-th time this process reaches the point NAME it kills itself with SIGKILL. The points:
+
+        save_model    the weights are in the temporary folder; nothing sealed or renamed yet
+        _seal         every file written, the manifest not yet
+        _install_dir  the folder being replaced renamed away (if there was one), the new one not in place
+        remove_dir    an old checkpoint renamed to its hidden name, not yet deleted
+
+    Without the variable this is one dictionary lookup.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted or not wanted.startswith(name + ":"):
+        return
+    nth = wanted.partition(":")[2]
+    if not nth.isdigit() or name not in FAULT_POINTS:
+        raise TiedlmError(f"{FAULT_ENV}: expected POINT:N with POINT one of {', '.join(FAULT_POINTS)}; got {wanted!r}")
+    _faults_reached[name] = _faults_reached.get(name, 0) + 1
+    if _faults_reached[name] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def remove_dir(path: Path) -> None:
     """Delete a folder by first renaming it to a hidden name, so it vanishes atomically."""
     trash = path.with_name(f".{path.name}.old-{os.getpid()}")
     os.rename(path, trash)
+    fault_point("remove_dir")
     shutil.rmtree(trash)
 
 
@@ -162,6 +193,7 @@ def _install_dir(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.rename(path, old)
+        fault_point("_install_dir")
         try:
             os.rename(tmp, path)
         except OSError:
@@ -169,6 +201,7 @@ def _install_dir(tmp: Path, path: Path) -> None:
             raise
         shutil.rmtree(old)
     else:
+        fault_point("_install_dir")
         os.rename(tmp, path)
     _fsync_dir(path.parent)
 
@@ -215,9 +248,11 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         vocab.save(tmp / VOCAB_FILE)
         save_model(model, str(tmp / MODEL_FILE))
+        fault_point("save_model")
         if trainer_state is not None:
             (tmp / STATE_JSON).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
             save_file(tensors, str(tmp / STATE_TENSORS))
+        fault_point("_seal")
         _seal(tmp)
         _install_dir(tmp, path)
     except (OSError, SafetensorError) as exc:

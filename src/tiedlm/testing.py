@@ -1,6 +1,10 @@
-"""Run `tiedlm train` in child processes and break them: SIGKILL at a random moment
-or inside a chosen step of a checkpoint write, SIGINT/SIGTERM, corrupted files.
-Used by tests/test_faults.py and by scripts/fault_campaign.py (the long campaign)."""
+"""Helpers for testing code that trains with tiedlm: a tiny synthetic corpus and config that train
+in seconds, and `tiedlm` child processes to interrupt and break.
+
+tiedlm's own tests (tests/) and its fault campaign (scripts/fault_campaign.py) use them; so can
+yours. A child is broken at a chosen step of a checkpoint write through the documented fault
+hook (``TIEDLM_FAULT_AT``, :func:`tiedlm.checkpoint.fault_point`), never by patching code.
+"""
 
 from __future__ import annotations
 
@@ -15,44 +19,71 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config, write_corpus
+from tiedlm.checkpoint import FAULT_ENV, FAULT_POINTS, run_checkpoints, verify_checkpoint
 
-# Points inside a checkpoint write where the child kills itself with SIGKILL:
-#   save_model   weights written to the temporary folder, nothing sealed or renamed
-#   _seal        all files written, manifest not yet
-#   _install_dir the old folder renamed away (when replacing best/), the new one not yet in place
-#   remove_dir   an old checkpoint renamed to its hidden name, not yet deleted
-KILL_POINTS = ("save_model", "_seal", "_install_dir", "remove_dir")
+TINY_CONFIG = """
+name = "tiny"
+seed = 3
 
-_CHILD = """
-import os, signal, sys
-import tiedlm.checkpoint as ck
-point, nth = sys.argv[1], int(sys.argv[2])
-calls = [0]
-original = getattr(ck, point)
+[data]
+corpus = "{corpus}"
+batch_size = 4
+bptt = 6
+eval_batch_size = 2
 
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
+[model]
+hidden_size = 12
+dropout = 0.3
+dropout_mode = "{mode}"
+tie_weights = {tie}
+init_range = 0.1
 
-def wrapped(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] != nth:
-        return original(*args, **kwargs)
-    if point == "save_model":
-        original(*args, **kwargs)
-    elif point == "_install_dir":
-        tmp, path = args
-        if path.exists():
-            os.rename(path, path.with_name(f".{path.name}.old-{os.getpid()}"))
-    elif point == "remove_dir":
-        (path,) = args
-        os.rename(path, path.with_name(f".{path.name}.old-{os.getpid()}"))
-    die()
+[loss]
+augmented = {augmented}
+tau = 5.0
+gamma = 0.5
 
-setattr(ck, point, wrapped)
-from tiedlm.cli import main
-sys.exit(main(sys.argv[3:]))
+[train]
+lr = 1.0
+lr_decay = 0.8
+lr_decay_start = 2
+max_epochs = 2
+patience = 3
+device = "cpu"
 """
+
+
+def write_corpus(root: Path, words: int = 1500, vocab: int = 30, seed: int = 0, unk: bool = True) -> Path:
+    """A corpus whose text follows a simple pattern, so a model can learn it."""
+    rng = random.Random(seed)
+    lexicon = [f"w{i}" for i in range(vocab)] + (["<unk>"] if unk else [])
+
+    def text(n: int) -> str:
+        lines, line = [], []
+        for _ in range(n):
+            word = lexicon[(len(line) * 3 + rng.randrange(3)) % len(lexicon)]
+            line.append(word)
+            if len(line) >= rng.randrange(4, 12):
+                lines.append(" ".join(line))
+                line = []
+        lines.append(" ".join(line))
+        return "\n".join(lines) + "\n"
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.txt").write_text(text(words) + " ".join(lexicon) + "\n")
+    (root / "valid.txt").write_text(text(words // 5))
+    (root / "test.txt").write_text(text(words // 5))
+    return root
+
+
+def write_config(path: Path, corpus: Path, *, mode: str = "exact", tie: bool = True, augmented: bool = True) -> Path:
+    path.write_text(
+        TINY_CONFIG.format(corpus=corpus, mode=mode, tie=str(tie).lower(), augmented=str(augmented).lower())
+    )
+    return path
+
+
+KILL_POINTS = FAULT_POINTS  # where a checkpoint write can be killed (tiedlm.checkpoint.fault_point)
 
 
 def fault_config(root: Path, epochs: int = 4, words: int = 6000) -> Path:
@@ -63,13 +94,12 @@ def fault_config(root: Path, epochs: int = 4, words: int = 6000) -> Path:
 
 
 def tiedlm(*args: object, kill_at: tuple[str, int] | None = None) -> subprocess.Popen:
-    """Start `tiedlm ARGS` in a child; with kill_at=(point, n) it SIGKILLs itself at the n-th call of point."""
-    argv = [str(a) for a in args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if kill_at is None:
-        command = [sys.executable, "-m", "tiedlm", *argv]
-    else:
-        command = [sys.executable, "-c", _CHILD, kill_at[0], str(kill_at[1]), *argv]
+    """Start `tiedlm ARGS` in a child; with kill_at=(point, n) it SIGKILLs itself the n-th time it
+    reaches that fault point of a checkpoint write (``TIEDLM_FAULT_AT``, docs/faults.md)."""
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV} | {"PYTHONUNBUFFERED": "1"}
+    if kill_at is not None:
+        env[FAULT_ENV] = f"{kill_at[0]}:{kill_at[1]}"
+    command = [sys.executable, "-m", "tiedlm", *(str(a) for a in args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -126,8 +156,6 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 def visible_files_intact(run: Path) -> bool:
     """Every checkpoint folder under a real name verifies against its manifest."""
-    from tiedlm.checkpoint import run_checkpoints, verify_checkpoint
-
     folders = run_checkpoints(run) + ([run / "best"] if (run / "best").exists() else [])
     for folder in folders:
         verify_checkpoint(folder)
