@@ -32,7 +32,7 @@ from tiedlm.config import load_config
 from tiedlm.data import load_corpus
 from tiedlm.evaluate import evaluate
 from tiedlm.models import build_model
-from tiedlm.runtime import cpu_name, tune_allocator
+from tiedlm.runtime import cpu_name, git_commit, tune_allocator
 from tiedlm.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def main() -> None:
     started = time.perf_counter()
     results = {
         "command": " ".join(["python", *sys.argv]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        "commit": git_commit(),
         "dirty": bool(
             subprocess.run(
                 ["git", "status", "--porcelain", "src"], capture_output=True, text=True, cwd=ROOT

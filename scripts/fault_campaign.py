@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import tiedlm.testing as harness
+from tiedlm.runtime import hardware, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,10 +100,9 @@ def main() -> None:
 
     total_s = time.perf_counter() - started
     summary = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        **provenance("cpu", " ".join([Path(sys.executable).name, *sys.argv])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
+        "machine": f"{hardware('cpu')}, {platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "seed": args.seed,
         "wall_s": round(total_s, 1),
