@@ -121,13 +121,3 @@ def test_nothing_cites_the_internal_reference():
         if INTERNAL_REFERENCE.search(line)
     ]
     assert hits == []
-
-
-def test_readme_is_a_front_door():
-    # At most about 150 lines: what it is, the two commands, results, the module map, how a batch
-    # flows, where to add a model, links. Reference material belongs in docs/.
-    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(readme) <= 150, f"README.md has {len(readme)} lines"
-    headings = {line for line in readme if line.startswith("## ")}
-    for section in ("## Quick start", "## Where things live", "## How a batch flows", "## Where to add a model"):
-        assert section in headings, section
