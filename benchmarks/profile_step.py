@@ -59,7 +59,10 @@ PRODUCTS = ("::mm", "::addmm", "::bmm", "::baddbmm", "::addmv", "::mv", "::_addm
 
 
 def is_product(name: str) -> bool:
-    return name.endswith(PRODUCTS) or "mkldnn_rnn" in name or "mkldnn_linear" in name
+    """aten's products, oneDNN's fused RNN and its pre-packed linear (the exact recurrence's step products)."""
+    return (
+        name.endswith(PRODUCTS) or "mkldnn_rnn" in name or "mkldnn_linear" in name or name.endswith("_linear_pointwise")
+    )
 
 
 WINDOW = "profile.window"

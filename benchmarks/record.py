@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -16,9 +17,13 @@ BENCHMARKS = Path(__file__).resolve().parent
 
 
 def record(script: str, began: float, **data) -> dict:
-    """Command, commit, date, machine, PyTorch and wall time since ``began``, then ``data``."""
+    """Command (with any CPU caps of this process's environment in front), commit, date, machine,
+    PyTorch and wall time since ``began``, then ``data``."""
+    from interleaved import AVX2_CAPS
+
+    caps = "".join(f"{name}={os.environ[name]} " for name in AVX2_CAPS if name in os.environ)
     return {
-        "command": f"python benchmarks/{script}" + "".join(f" {a}" for a in sys.argv[1:]),
+        "command": f"{caps}python benchmarks/{script}" + "".join(f" {a}" for a in sys.argv[1:]),
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_name(),
@@ -29,7 +34,7 @@ def record(script: str, began: float, **data) -> dict:
 
 
 def header(result: dict, title: str, json_name: str, threads: int) -> list[str]:
-    script = result["command"].split()[1]
+    script = next(word for word in result["command"].split() if word.startswith("benchmarks/"))
     return [
         f"# {title}",
         "",

@@ -315,3 +315,95 @@ def test_compiled_loss_that_cannot_be_built_gives_one_line(monkeypatch):
     with pytest.raises(TiedlmError, match=r"^train.compile: .*no working C\+\+ compiler found\); set train.compile"):
         AugmentedLoss(2.0, 0.5, compiled=True).components(logits, torch.arange(8), embedding)
     fused_loss._compiled.cache_clear()
+
+
+def _decoder_problem(bias: bool, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(13, 6, dtype=dtype, generator=generator, requires_grad=True)
+    weight = torch.randn(17, 6, dtype=dtype, generator=generator, requires_grad=True)
+    b = torch.randn(17, dtype=dtype, generator=generator, requires_grad=True) if bias else None
+    targets = torch.randint(0, 17, (13,), generator=generator)
+    return hidden, weight, b, targets
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_gradcheck(bias):
+    """gradcheck's random output gradients take the per-token (non-uniform) branch."""
+    from tiedlm.loss import linear_cross_entropy
+
+    hidden, weight, b, targets = _decoder_problem(bias)
+    inputs = (hidden, weight) if b is None else (hidden, weight, b)
+    assert torch.autograd.gradcheck(
+        lambda h, w, *rest: linear_cross_entropy(h, w, rest[0] if rest else None, targets), inputs
+    )
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_cross_entropy_with_a_batch_mean_equals_the_two_nodes(bias, dtype):
+    """Σ/B, as the trainer's objective: the gradient arrives as one expanded number (the uniform branch)."""
+    from tiedlm.loss import linear_cross_entropy
+
+    hidden, weight, b, targets = _decoder_problem(bias, dtype)
+    params = [t for t in (hidden, weight, b) if t is not None]
+    ours = linear_cross_entropy(hidden, weight, b, targets)
+    reference = torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden, weight, b), targets, reduction="none"
+    )
+    torch.testing.assert_close(ours, reference)
+    mine = torch.autograd.grad(ours.sum() / 3, params)
+    theirs = torch.autograd.grad(reference.sum() / 3, params)
+    for a, c in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, c)
+
+
+def test_linear_cross_entropy_leaves_its_saved_softmax_alone():
+    """The backward pass must not turn the kept softmax into the gradient in place: twice, the same gradient."""
+    from tiedlm.loss import linear_cross_entropy
+
+    hidden, weight, b, targets = _decoder_problem(True)
+    loss = linear_cross_entropy(hidden, weight, b, targets).sum() / 2
+    first = torch.autograd.grad(loss, (hidden, weight, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight, b))
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_linear_cross_entropy_under_autocast_is_the_two_node_path():
+    from tiedlm.loss import cross_entropy, linear_cross_entropy
+
+    hidden, weight, b, targets = _decoder_problem(True, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, b, targets)
+        reference = cross_entropy(torch.nn.functional.linear(hidden, weight, b), targets)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+def test_training_step_loss_and_gradients_equal_logits_then_cross_entropy(tmp_path):
+    """The trainer's one-node decoder + loss (model(..., decode=False)) against model(...) logits → CE."""
+    from tiedlm.config import load_config
+    from tiedlm.data import batchify, bptt_windows, load_corpus
+    from tiedlm.loss import cross_entropy
+    from tiedlm.models import build_model
+    from tiedlm.testing import write_config, write_corpus
+    from tiedlm.training.step import TrainingStep, make_optimizer
+
+    config = load_config(write_config(tmp_path / "c.toml", write_corpus(tmp_path), augmented=False))
+    config.model.output_bias = "on"
+    corpus = load_corpus(config.data.corpus)
+    inputs, targets = next(iter(bptt_windows(batchify(corpus.train, config.data.batch_size), config.data.bptt)))
+    torch.manual_seed(0)
+    model = build_model(config.model, len(corpus.vocab)).train()
+    masks = model.window_masks(inputs)
+    step = TrainingStep(model, make_optimizer(model, config.train), config)
+    assert step.fused_decoder
+    state = model.init_state(config.data.batch_size)
+    ce, kl, _ = step.window_loss(inputs, targets, state, masks)
+    assert kl is None and "LinearCrossEntropy" in type(ce.grad_fn).__name__
+    ours = torch.autograd.grad(ce.sum() / 4, list(model.parameters()))
+    logits, _ = model(inputs, state, masks=masks)
+    reference = cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(ce, reference)
+    theirs = torch.autograd.grad(reference.sum() / 4, list(model.parameters()))
+    for a, c in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, c)

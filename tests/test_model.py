@@ -265,7 +265,7 @@ def test_exact_layer_uses_bf16_products_only_where_bf16_is_native(monkeypatch):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_decoder_product_has_the_gradients_of_f_linear(bias):
-    # tiedlm.models.common.linear forms W's gradient in another GEMM layout on a CPU in fp32.
+    # tiedlm.models.common.linear forms W's gradient in another GEMM layout on a CPU in fp32 (tiedlm/layouts.py).
     from tiedlm.models.common import linear
 
     generator = torch.Generator().manual_seed(3)
@@ -281,6 +281,16 @@ def test_decoder_product_has_the_gradients_of_f_linear(bias):
     grads = [torch.autograd.grad((out * upstream).sum(), leaves) for out in (ours, plain)]
     torch.testing.assert_close(grads[0], grads[1])
     assert all(g.is_contiguous() for g in grads[0])
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 1300), (650, 1025)])  # one block, several, a short last one
+def test_blocked_transpose_is_the_transpose(shape):
+    from tiedlm.layouts import TRANSPOSE_BLOCK, transposed
+
+    matrix = torch.randn(*shape)
+    out = transposed(matrix)
+    assert out.is_contiguous() and out.shape == shape[::-1] and torch.equal(out, matrix.t())
+    assert TRANSPOSE_BLOCK < 1025  # the last two shapes do go through the blocks
 
 
 def test_tied_model_gradients_match_autograd_of_the_plain_model():

@@ -37,6 +37,9 @@ def test_every_model_keeps_the_contract(architecture):
     without, _ = model(tokens, model.init_state(3), include_bias=False)
     assert with_bias.shape == (5, 3, 13) and all(part.size(1) == 3 for part in state)
     torch.testing.assert_close(with_bias, without + model.output_bias)
+    hidden, _ = model(tokens, model.init_state(3), decode=False)  # what the trainer's fused decoder + loss reads
+    assert hidden.shape == (5, 3, model.decoder.weight.size(1))
+    torch.testing.assert_close(model.decode(hidden), with_bias)
     model.train()
     model.use_masks(torch.Generator().manual_seed(1))
     masks = model.window_masks(tokens)
@@ -99,8 +102,8 @@ class TinyModel(LanguageModel):
     def init_state(self, batch_size):
         return (self.embedding.weight.new_zeros(1, batch_size, 1),)
 
-    def forward(self, tokens, state, *, include_bias=True, masks=None):
-        return self.decode(self.embedding(tokens), include_bias=include_bias), state
+    def features(self, tokens, state, *, masks=None):
+        return self.embedding(tokens), state
 
     @classmethod
     def parameter_count(cls, config, vocab_size):
@@ -119,6 +122,29 @@ def test_a_registered_architecture_is_a_config_choice_with_its_own_keys(monkeypa
     )
     with pytest.raises(TiedlmError, match="unknown key 'model.width_factor' for model.architecture 'lstm'"):
         config_from_dict({"model": {"width_factor": 2}}, "t.toml")
+
+
+def test_a_model_with_its_own_forward_trains_through_its_logits():
+    """A model written before ``features`` (it overrides forward): the step uses its logits as they are."""
+    from tiedlm.config import Config
+    from tiedlm.training.step import TrainingStep, make_optimizer
+
+    class OwnForward(TinyModel):
+        def forward(self, tokens, state, *, include_bias=True, masks=None):
+            return self.decode(self.embedding(tokens), include_bias=include_bias) * 2, state
+
+    config = Config()
+    config.model = TinyConfig(hidden_size=4, tie_weights=True, output_bias="on")
+    config.loss.augmented = False
+    model = OwnForward(config.model, 7)
+    step = TrainingStep(model, make_optimizer(model, config.train), config)
+    assert not step.fused_decoder
+    tokens = torch.randint(0, 7, (3, 2))
+    ce, _, _ = step.window_loss(tokens, tokens, model.init_state(2))
+    expected = torch.nn.functional.cross_entropy(
+        model(tokens, None)[0].flatten(0, 1), tokens.flatten(), reduction="none"
+    )
+    torch.testing.assert_close(ce, expected)
 
 
 def test_a_plain_model_config_builds_any_architecture_at_its_defaults():

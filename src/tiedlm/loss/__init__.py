@@ -2,6 +2,7 @@
 
     augmented.py  AugmentedLoss: the (CE, KL) pair the trainer takes and J_tot = CE + γ·τ·KL
     eager.py      cross_entropy, augmented_kl and their hand-written blocks (the reference path)
+    linear.py     linear_cross_entropy: the decoder and the cross-entropy as one node (no AL)
     compiled.py   the same (tokens × |V|) passes fused by torch.compile (train.compile)
     static.py     the target side over every token: static shapes for CUDA-graph capture
 
@@ -10,6 +11,7 @@ Imports run one way: compiled and static reuse eager's pieces, augmented picks a
 
 from tiedlm.loss.augmented import AugmentedLoss
 from tiedlm.loss.eager import DEFAULT_CHUNK_ELEMENTS, augmented_kl, cross_entropy
+from tiedlm.loss.linear import linear_cross_entropy
 from tiedlm.loss.static import STATIC_CHUNK_ELEMENTS, static_components
 
 __all__ = [
@@ -18,5 +20,6 @@ __all__ = [
     "AugmentedLoss",
     "augmented_kl",
     "cross_entropy",
+    "linear_cross_entropy",
     "static_components",
 ]

@@ -5,6 +5,9 @@ A model is a :class:`LanguageModel` subclass decorated with ``@register("NAME")`
 The rest of tiedlm reads only what is written here:
 
     model(tokens, state, include_bias=True, masks=None) → (logits, state)   tokens (T, B), logits (T, B, |V|)
+    model.features(tokens, state, masks=None) → (h, state)   what a model implements: the top outputs
+                                     h (T, B, d) that the decoder reads; ``model(..., decode=False)``
+                                     returns them (the trainer then runs decoder and loss as one node)
     model.init_state(B)              the state before the first window: a tuple of tensors, B in dimension 1
     model.embedding, model.decoder   L (|V|, d) and the output layer (its weight is L when tied)
     model.output_bias                the decoder's bias or None; ``include_bias=False`` leaves it out
@@ -69,8 +72,28 @@ class LanguageModel(nn.Module):
     def output_bias(self) -> torch.Tensor | None:
         return self.decoder.bias
 
+    def forward(
+        self, tokens: torch.Tensor, state: tuple, *, include_bias: bool = True, masks: Any = None, decode: bool = True
+    ) -> tuple[torch.Tensor, tuple]:
+        """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step.
+
+        ``include_bias=False`` returns the bias-free W·h that the augmented loss needs; ``decode=False``
+        the top outputs h (T, B, d) instead of logits. ``masks`` (training only): the window's masks
+        from :meth:`window_masks` (the captured training step draws them outside its CUDA graph);
+        None draws them here.
+        """
+        hidden, state = self.features(tokens, state, masks=masks)
+        return (self.decode(hidden, include_bias=include_bias) if decode else hidden), state
+
+    def features(self, tokens: torch.Tensor, state: tuple, *, masks: Any = None) -> tuple[torch.Tensor, tuple]:
+        """The top outputs h (T, B, d), after any output dropout, and the state after the last step."""
+        raise NotImplementedError
+
     def decode(self, hidden: torch.Tensor, *, include_bias: bool = True) -> torch.Tensor:
-        """Logits W·h + b (T, B, |V|) of the top outputs h (T, B, d); W·h alone without ``include_bias``."""
+        """Logits W·h + b (T, B, |V|) of the top outputs h (T, B, d); W·h alone without ``include_bias``.
+
+        Always exactly this product (an override may only change how it is computed): the trainer
+        forms W·h + b itself, fused with the cross-entropy, from ``decode=False``'s outputs."""
         return nn.functional.linear(hidden, self.decoder.weight, self.decoder.bias if include_bias else None)
 
     def init_state(self, batch_size: int) -> tuple[torch.Tensor, ...]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tiedlm.layouts import weight_grad
+
 
 def output_layer(embedding: nn.Embedding, tie: bool, bias: bool) -> nn.Linear:
     """The decoder: with ``tie`` its weight *is* the embedding matrix L; ``bias`` from
@@ -20,19 +22,6 @@ def init_uniform(module: nn.Module, init_range: float) -> None:
     """Every parameter of ``module`` drawn from U(−init_range, init_range), in registration order."""
     for parameter in module.parameters():
         nn.init.uniform_(parameter, -init_range, init_range)
-
-
-def weight_grad(grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """gradᵀ · inputs, (out, in) for grad (N, out) and inputs (N, in): a weight's gradient.
-
-    On a CPU, MKL's fp32 GEMM takes 1.3-1.5x longer for gradᵀ·inputs than for (inputsᵀ·grad)ᵀ at
-    the shapes of a BPTT window (N = 700 tokens; benchmarks/AVX2.md), oneDNN's bf16 GEMM the other
-    way round. Both give the same matrix; the first is made contiguous (a strided copy), which is
-    cheaper than letting autograd add a transposed gradient into a tied weight's other gradient.
-    """
-    if grad.device.type == "cpu" and grad.dtype == torch.float32:
-        return (inputs.t() @ grad).t().contiguous()
-    return grad.t() @ inputs
 
 
 class _Linear(torch.autograd.Function):

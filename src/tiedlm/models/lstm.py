@@ -36,8 +36,9 @@ from torch.func import functional_call
 
 from tiedlm.config import Config, ModelConfig
 from tiedlm.dropout import variational_mask
+from tiedlm.layouts import transposed, weight_grad
 from tiedlm.models.base import LanguageModel, embedding_and_decoder_parameters, register
-from tiedlm.models.common import init_uniform, linear, output_layer, weight_grad
+from tiedlm.models.common import init_uniform, linear, output_layer
 from tiedlm.precision import cpu_features, fused_lstm
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, B, H)
@@ -95,23 +96,15 @@ class LSTMLanguageModel(LanguageModel):
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
         return weight.new_zeros(shape), weight.new_zeros(shape)
 
-    def forward(
-        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: list[torch.Tensor] | None = None
+    def features(
+        self, tokens: torch.Tensor, state: State, *, masks: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, State]:
-        """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step.
-
-        ``include_bias=False`` returns the bias-free W·h that the augmented loss needs.
-        ``masks`` (training only): the window's masks, drawn beforehand with :meth:`window_masks`
-        (the captured training step draws them outside its CUDA graph); None draws them here.
-        """
+        """tokens (T, B) int64 → the top layer's dropped outputs (T, B, H) and the state after the last step."""
         x = self.embedding(tokens)  # (T, B, d)
         if self.training and self.config.dropout > 0:
             masks = self.window_masks(tokens) if masks is None else masks
-            h = self.run_layers(x, state, masks, fused=self.config.dropout_mode == "fast")
-        else:
-            h = self.run_layers(x, state, None, fused=True)
-        output, new_state = h
-        return self.decode(output, include_bias=include_bias), new_state  # (T, B, |V|)
+            return self.run_layers(x, state, masks, fused=self.config.dropout_mode == "fast")
+        return self.run_layers(x, state, None, fused=True)
 
     def decode(self, hidden: torch.Tensor, *, include_bias: bool = True) -> torch.Tensor:
         """W·h (+ b), its weight gradient in the faster GEMM layout on a CPU (models/common.linear)."""
@@ -231,11 +224,12 @@ def _step_product(weight: torch.Tensor, rows: int):
         and weight.dtype in (torch.float32, torch.bfloat16)
         and _packed_products_ok(weight.dtype)
     ):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+        dense = weight if weight.is_contiguous() else transposed(weight.t())  # W_hhᵀ of the backward pass
+        packed = torch.ops.mkldnn._reorder_linear_weight(dense, rows)
         onednn_linear = torch.ops.mkldnn._linear_pointwise
         return lambda x: onednn_linear(x, packed, None, "none", [], "")
-    transposed = weight.t()
-    return lambda x: torch.mm(x, transposed)
+    weight_t = weight.t()
+    return lambda x: torch.mm(x, weight_t)
 
 
 class MaskedLSTMLayer(torch.autograd.Function):

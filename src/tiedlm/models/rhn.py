@@ -166,11 +166,9 @@ class RHNLanguageModel(LanguageModel):
         """The masks of :meth:`sample_masks` for a training window; None in evaluation."""
         return self.sample_masks(tokens, self.embedding.weight.dtype) if self.training else None
 
-    def forward(
-        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: dict | None = None
-    ) -> tuple[torch.Tensor, State]:
-        """tokens (T, B) int64 → logits (T, B, |V|) and the state after the last step; ``masks`` from
-        :meth:`window_masks` (None draws them here)."""
+    def features(self, tokens: torch.Tensor, state: State, *, masks: dict | None = None) -> tuple[torch.Tensor, State]:
+        """tokens (T, B) int64 → the top states after output dropout (T, B, n) and the state after the
+        last step; ``masks`` from :meth:`window_masks` (None draws them here)."""
         x = self.embedding(tokens)  # (T, B, n)
         dtype = self.recurrent_weight.dtype
         masks = (self.window_masks(tokens) if masks is None else masks) if self.training else None
@@ -185,7 +183,7 @@ class RHNLanguageModel(LanguageModel):
         )
         if masks is not None:
             outputs = outputs * masks["o"]
-        return self.decode(outputs, include_bias=include_bias), (last.unsqueeze(0),)
+        return outputs, (last.unsqueeze(0),)
 
 
 class HighwayRecurrence(torch.autograd.Function):

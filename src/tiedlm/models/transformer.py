@@ -95,10 +95,9 @@ class TransformerLanguageModel(LanguageModel):
     def init_state(self, batch_size: int) -> State:
         return (torch.zeros(1, batch_size, 0, dtype=torch.long, device=self.embedding.weight.device),)
 
-    def forward(
-        self, tokens: torch.Tensor, state: State, *, include_bias: bool = True, masks: None = None
-    ) -> tuple[torch.Tensor, State]:
-        """tokens (T, B) → logits (T, B, |V|); the state is the last context_size tokens of each stream."""
+    def features(self, tokens: torch.Tensor, state: State, *, masks: None = None) -> tuple[torch.Tensor, State]:
+        """tokens (T, B) → the normalised top outputs (T, B, d); the state is the last context_size
+        tokens of each stream."""
         memory = state[0][0].t().to(tokens.device)  # (M, B)
         sequence = torch.cat([memory, tokens])  # (M + T, B)
         length, size = sequence.size(0), self.config.hidden_size
@@ -108,6 +107,5 @@ class TransformerLanguageModel(LanguageModel):
         for block in self.blocks:
             x = block(x, src_mask=causal, is_causal=True)
         output = self.norm(x[memory.size(0) :])
-        logits = self.decode(output, include_bias=include_bias)
         kept = sequence[-self.config.context_size :] if self.config.context_size else sequence[:0]
-        return logits, (kept.t().unsqueeze(0).contiguous(),)
+        return output, (kept.t().unsqueeze(0).contiguous(),)

@@ -17,7 +17,14 @@ from torch.profiler import record_function
 from tiedlm.config import Config, TrainConfig
 from tiedlm.data import detach_state
 from tiedlm.distributed import World
-from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS, STATIC_CHUNK_ELEMENTS, AugmentedLoss, cross_entropy
+from tiedlm.loss import (
+    DEFAULT_CHUNK_ELEMENTS,
+    STATIC_CHUNK_ELEMENTS,
+    AugmentedLoss,
+    cross_entropy,
+    linear_cross_entropy,
+)
+from tiedlm.models.base import LanguageModel
 from tiedlm.precision import autocast, resolve_precision
 
 
@@ -82,6 +89,9 @@ class TrainingStep:
             self.augmented = AugmentedLoss(
                 loss.tau, loss.gamma, loss.detach_target, chunk, compiled=compiled, static_shapes=static_shapes
             )
+        # Without the AL the step forms W·h + b itself, fused with the cross-entropy (tiedlm/loss/linear.py),
+        # from ``model(..., decode=False)``: models that keep the base class's forward (models/base.py).
+        self.fused_decoder = isinstance(model, LanguageModel) and type(model).forward is LanguageModel.forward
         self.batch_size = config.data.batch_size // self.world.size
         self.bptt = config.data.bptt  # a full window's length (the captured step's static shape)
         self.clip = config.train.clip if config.train.clip > 0 else math.inf
@@ -99,6 +109,10 @@ class TrainingStep:
         flat_targets = targets.flatten()
         given = {} if masks is None else {"masks": masks}
         with autocast(inputs.device, self.precision):
+            if self.augmented is None and self.fused_decoder:
+                hidden, state = forward(inputs, state, decode=False, **given)
+                weight, bias = model.decoder.weight, model.output_bias
+                return linear_cross_entropy(hidden.flatten(0, 1), weight, bias, flat_targets), None, state
             if self.augmented is None:
                 logits, state = forward(inputs, state, **given)
                 return cross_entropy(logits.flatten(0, 1), flat_targets), None, state
