@@ -47,7 +47,8 @@ def render(result: dict) -> str:
         "clock. The machine is a shared 2-core VM: the load-average column (1-minute, when the case",
         "started) says how busy it was, near 1 meaning this process alone; under load the wall clock also",
         "counts other processes' time, and with one thread the CPU-time rate is the fair one. The ratio,",
-        "measured side by side, is what the goal is about.",
+        "measured side by side, is what the goal is about. With `--repeats`, each case runs in that many",
+        "processes one after another; their spread is the machine's noise.",
         "",
         "| config | source | threads | tiedlm tok/s (CPU) | naive tok/s (CPU) | ratio (CPU) | tiedlm tok/s (wall) "
         "| naive tok/s (wall) | ratio (wall) | load avg |",
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--baseline", help="a commit to measure the same cases at, alternating with this one")
     parser.add_argument("--no-caps", action="store_true", help="measure the CPU as it is")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per case (the spread shows the noise)")
     args = parser.parse_args()
     began = time.perf_counter()
     caps = {} if args.no_caps else AVX2_CAPS
@@ -80,14 +82,14 @@ def main() -> None:
     rows = []
     for count in threads:
         for config, overrides, _ in CASES:
-            for source, label in sources:
+            for source, label in sources * args.repeats:
                 row = run_case(config, overrides, threads=count, caps=caps, source=source, windows=args.windows,
                                rounds=args.rounds, reference=True)  # fmt: skip
                 row["source_label"] = label
                 print(f"{row['config']} {label} {count} thread(s): {row['ratio_cpu']:.2f}x (CPU), "
                       f"{row['ratio_wall']:.2f}x (wall)", flush=True)  # fmt: skip
                 rows.append(row)
-    result = record("avx2.py", began, threads=threads, rounds=args.rounds, caps=caps, rows=rows)
+    result = record("avx2.py", began, threads=threads, rounds=args.rounds, repeats=args.repeats, caps=caps, rows=rows)
     write(result, "avx2.json", "AVX2.md", render(result))
 
 

@@ -28,7 +28,7 @@ from tiedlm.bench import matmul_peak_gflops, naive_step, training_flops_per_toke
 from tiedlm.config import load_config
 from tiedlm.evaluate import evaluate
 from tiedlm.precision import cpu_features
-from tiedlm.runtime import tune_allocator
+from tiedlm.runtime import frozen_heap, tune_allocator
 
 # What an AVX2-only CPU offers, imposed on this one (docs/precision.md).
 AVX2_CAPS = {
@@ -77,13 +77,14 @@ def measure(config_path: str, overrides: list[str], threads: int, windows: int, 
     times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runners}
     load_before = _load()
     began = time.perf_counter()
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for inputs, targets in batches:
-                wall, cpu = time.perf_counter(), time.process_time()
-                run(inputs, targets)
-                times[name]["cpu"].append(time.process_time() - cpu)
-                times[name]["wall"].append(time.perf_counter() - wall)
+    with frozen_heap():  # as the trainer has it
+        for _ in range(rounds):
+            for name, run in runners.items():
+                for inputs, targets in batches:
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    run(inputs, targets)
+                    times[name]["cpu"].append(time.process_time() - cpu)
+                    times[name]["wall"].append(time.perf_counter() - wall)
     tokens = batches[0][1].numel()
     result = {
         "config": config.name,

@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from tiedlm.bench import matmul_peak_gflops, naive_step, time_windows, training_flops_per_token, workload
 from tiedlm.config import load_config
 from tiedlm.precision import cpu_features
-from tiedlm.runtime import tune_allocator
+from tiedlm.runtime import frozen_heap, tune_allocator
 from tiedlm.training import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def window_of(event):
 def profile_windows(run_window, batches, shapes: bool) -> list[list]:
     """Each window's operator events in order. ``record_shapes`` slows this machine's operators
     several-fold, so times come from a trace without shapes and shapes from a separate one."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as trace:
+    with frozen_heap(), profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as trace:
         for inputs, targets in batches:
             with record_function(WINDOW):
                 run_window(inputs, targets)

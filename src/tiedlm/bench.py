@@ -40,6 +40,7 @@ from tiedlm.evaluate import evaluate
 from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
 from tiedlm.models import ARCHITECTURES, build_model
 from tiedlm.precision import bf16_native, cpu_features
+from tiedlm.runtime import frozen_heap
 from tiedlm.train import PHASES, TrainingStep, make_optimizer, resolve_device
 
 
@@ -149,14 +150,16 @@ class Timing:
 
 
 def time_windows(run_window, batches, warmup: int, device: torch.device) -> Timing:
+    """Per-window seconds after ``warmup`` windows, with the heap frozen as the trainer has it."""
     seconds, tokens = [], batches[0][1].numel()
-    for index, (inputs, targets) in enumerate(batches):
-        _sync(device)
-        start = time.perf_counter()
-        run_window(inputs, targets)
-        _sync(device)
-        if index >= warmup:
-            seconds.append(time.perf_counter() - start)
+    with frozen_heap():
+        for index, (inputs, targets) in enumerate(batches):
+            _sync(device)
+            start = time.perf_counter()
+            run_window(inputs, targets)
+            _sync(device)
+            if index >= warmup:
+                seconds.append(time.perf_counter() - start)
     return Timing(tokens / statistics.median(seconds), seconds)
 
 

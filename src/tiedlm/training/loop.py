@@ -40,7 +40,7 @@ from tiedlm.evaluate import evaluate, perplexity
 from tiedlm.models import build_model
 from tiedlm.precision import resolve_precision, warn_if_emulated
 from tiedlm.run_folder import RunFolder
-from tiedlm.runtime import resolve_device
+from tiedlm.runtime import frozen_heap, resolve_device
 from tiedlm.training import faults, records
 from tiedlm.training import resume as resuming
 from tiedlm.training.faults import Interrupted, Rollback, RunLock, StopFlag, say
@@ -208,20 +208,21 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until max_epochs or early stopping, then report best/ on valid and test."""
-        try:
-            while self._stop_reason() is None:
-                if self.stop.agreed(self.world, self.device):  # during set-up, validation or a checkpoint write
+        with frozen_heap():  # the set-up stays out of the garbage collector's scans (tiedlm.runtime)
+            try:
+                while self._stop_reason() is None:
+                    if self.stop.agreed(self.world, self.device):  # during set-up, validation or a checkpoint write
+                        raise Interrupted(self.stop_signal, self.folder.checkpoints()[-1])
+                    try:
+                        self._run_epoch()
+                    except Rollback:
+                        self._rollback()
+                report = self.final_report()
+                if self.stop.agreed(self.world, self.device):  # during the final evaluation: the run is complete
                     raise Interrupted(self.stop_signal, self.folder.checkpoints()[-1])
-                try:
-                    self._run_epoch()
-                except Rollback:
-                    self._rollback()
-            report = self.final_report()
-            if self.stop.agreed(self.world, self.device):  # during the final evaluation: the run is complete
-                raise Interrupted(self.stop_signal, self.folder.checkpoints()[-1])
-            return report
-        finally:
-            self._release()
+                return report
+            finally:
+                self._release()
 
     def _run_epoch(self) -> None:
         """Train one epoch at its learning rate, validate, log the metrics line, write the checkpoint."""
