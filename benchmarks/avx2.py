@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from interleaved import AVX2_CAPS, baseline_source, run_case
+from interleaved import AVX2_CAPS, add_options, run_case, sources
 from record import header, record, write
 
 CASES = [  # config, overrides, what the reference is
@@ -66,23 +66,17 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="1", help="comma-separated thread counts")
-    parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--baseline", help="a commit to measure the same cases at, alternating with this one")
+    add_options(parser, rounds=4)
     parser.add_argument("--no-caps", action="store_true", help="measure the CPU as it is")
     parser.add_argument("--repeats", type=int, default=1, help="processes per case (the spread shows the noise)")
     args = parser.parse_args()
     began = time.perf_counter()
     caps = {} if args.no_caps else AVX2_CAPS
     threads = [int(t) for t in args.threads.split(",")]
-    sources = [(None, "this commit")]
-    if args.baseline:
-        sources.insert(0, (baseline_source(args.baseline), f"baseline {args.baseline}"))
     rows = []
     for count in threads:
         for config, overrides, _ in CASES:
-            for source, label in sources * args.repeats:
+            for source, label in sources(args) * args.repeats:
                 row = run_case(config, overrides, threads=count, caps=caps, source=source, windows=args.windows,
                                rounds=args.rounds, reference=True)  # fmt: skip
                 row["source_label"] = label

@@ -169,6 +169,23 @@ def run_case(config: str, overrides: list[str], *, threads: int, caps: dict[str,
     return result
 
 
+def add_options(parser, rounds: int) -> None:
+    """The options of every script that runs :func:`run_case`: thread counts, windows per round, rounds,
+    and a baseline commit to measure the same cases at."""
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts")
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--baseline", help="a commit to measure the same cases at, alternating with this one")
+
+
+def sources(args) -> list[tuple[str | None, str]]:
+    """(``src`` folder or None for this checkout, label) to measure, the baseline first."""
+    found: list[tuple[str | None, str]] = [(None, "this commit")]
+    if args.baseline:
+        found.insert(0, (baseline_source(args.baseline), f"baseline {args.baseline}"))
+    return found
+
+
 def baseline_source(ref: str) -> str:
     """A worktree of commit ``ref`` under /tmp (made once), for before/after measurements; its src/."""
     import subprocess

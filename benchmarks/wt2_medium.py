@@ -23,7 +23,7 @@ import argparse
 import json
 import time
 
-from interleaved import AVX2_CAPS, baseline_source, run_case
+from interleaved import AVX2_CAPS, add_options, run_case, sources
 from record import BENCHMARKS, header, record, write
 
 CONFIG = "configs/wikitext-2/medium-real.toml"
@@ -108,11 +108,8 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="1", help="comma-separated thread counts")
-    parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    add_options(parser, rounds=3)
     parser.add_argument("--eval-tokens", type=int, default=35_000, help="validation tokens timed (rate x full split)")
-    parser.add_argument("--baseline", help="a commit to measure the same cases at, alternating with this one")
     parser.add_argument("--render-only", action="store_true", help="rewrite WT2_MEDIUM.md from wt2_medium.json")
     args = parser.parse_args()
     if args.render_only:
@@ -121,13 +118,10 @@ def main() -> None:
         return
     began = time.perf_counter()
     threads = [int(t) for t in args.threads.split(",")]
-    sources = [(None, "this commit")]
-    if args.baseline:
-        sources.insert(0, (baseline_source(args.baseline), f"baseline {args.baseline}"))
     rows = []
     for count in threads:
         for machine, precision, caps, reference in MACHINES:
-            for source, label in sources:
+            for source, label in sources(args):
                 row = run_case(CONFIG, [f"train.precision={precision}"], threads=count, caps=caps, source=source,
                                windows=args.windows, rounds=args.rounds, reference=reference,
                                eval_tokens=args.eval_tokens)  # fmt: skip
