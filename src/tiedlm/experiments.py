@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiedlm.run_folder import RunFolder, read_json
+from tiedlm.run_folder import InRunFolder, read_json
 
 
 @dataclass
-class Job:
+class Job(InRunFolder):
     """One run to train: its label in messages, config, run folder, settings, and the job it waits for."""
 
     label: str
@@ -36,14 +36,6 @@ class Job:
     start_overrides: list[str] = field(default_factory=list)  # --set at the fresh start only
     after: Job | None = None  # starts once that one has finished
     log: Path | None = None  # default: RUN_DIR.log beside the run folder
-
-    @property
-    def folder(self) -> RunFolder:
-        return RunFolder(self.run_dir)
-
-    @property
-    def finished(self) -> bool:
-        return self.folder.finished
 
     @property
     def ready(self) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 from tiedlm.errors import TiedlmError
 from tiedlm.experiments import Job, run_jobs
 from tiedlm.results_table import plot_curves, render_markdown
-from tiedlm.run_folder import RunFolder, current_final, read_epochs, read_json
+from tiedlm.run_folder import InRunFolder, current_final, read_epochs, read_json
 
 VARIANTS = ("vd", "al", "re", "real")
 VARIANT_NAMES = {"vd": "VD", "al": "VD + AL", "re": "VD + RE", "real": "VD + RE + AL (REAL)"}
@@ -45,7 +45,7 @@ TABLES = {
 
 
 @dataclass
-class Plan:
+class Plan(InRunFolder):
     """Where one training stage of one variant has its config, run folder and collected logs.
 
     Most tables train each variant once. Where the config's ``paper.stages`` says the paper
@@ -65,19 +65,6 @@ class Plan:
     def key(self) -> str:
         """``real`` for stage 1, ``real-stage2`` after it: the name of its run folder and logs."""
         return self.variant if self.stage == 1 else f"{self.variant}-stage{self.stage}"
-
-    @property
-    def folder(self) -> RunFolder:
-        return RunFolder(self.run_dir)
-
-    @property
-    def finished(self) -> bool:
-        """It has a final.json newer than its last epoch (a run resumed after it ended keeps the old one)."""
-        return self.folder.finished
-
-    @property
-    def started(self) -> bool:
-        return self.folder.started
 
     @property
     def ready(self) -> bool:

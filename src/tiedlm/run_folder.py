@@ -168,6 +168,25 @@ class RunFolder:
         return current_final(self.final, self.epochs())
 
 
+class InRunFolder:
+    """Mixin for a record with a ``run_dir`` (a scheduled job, a table's stage): its folder and state."""
+
+    run_dir: Path
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    @property
+    def started(self) -> bool:
+        return self.folder.started
+
+    @property
+    def finished(self) -> bool:
+        """It has a final.json newer than its last epoch (a run resumed after it ended keeps the old one)."""
+        return self.folder.finished
+
+
 def current_final(path: Path, epochs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The final.json at ``path`` unless the run went on after it (resumed after it ended): then None."""
     if not Path(path).is_file():
