@@ -92,7 +92,7 @@ def test_frozen_heap_keeps_the_set_up_out_of_the_collector_until_exit():
 
 
 def test_training_runs_with_the_heap_frozen(tmp_path, monkeypatch):
-    """The trainer's epochs run under frozen_heap (the collector's rescans cost 7% of a PTB-medium step)."""
+    """The trainer's epochs run under frozen_heap (tiedlm.runtime says why)."""
     import gc
 
     from tiedlm.testing import write_config, write_corpus

@@ -51,10 +51,10 @@ def frozen_heap():
 
     A training step of the exact recurrence makes thousands of short-lived Python objects (per-step
     views and tuples), so the collector runs many times per window, and its older generations rescan
-    everything made before: torch's own ~300k objects, the vocabulary, the model. That cost 7% of a
-    PTB-medium fp32 step (benchmarks/AVX2.md); the fused kernels of the naive reference make few objects
-    and did not change. What is frozen is the set-up, alive for the whole run anyway; on exit it goes
-    back to the collector's oldest generation.
+    everything made before: torch's own objects (hundreds of thousands), the vocabulary, the model (the fused kernels of
+    the naive reference make few objects). benchmarks/AVX2.md is measured with it. What is frozen
+    is the set-up, alive for the whole run anyway; on exit it goes back to the collector's oldest
+    generation.
     """
     gc.collect()
     gc.freeze()
