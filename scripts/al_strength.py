@@ -4,8 +4,9 @@
         [--out results/al-strength]
 
 For each model (a trained checkpoint or run folder, or ``init:CONFIG`` for a fresh one of that
-config, seeded by ``--seed``; ``LABEL=`` names it on the page) it reads ``--windows`` consecutive training windows of the config's corpus, with dropout
-on and the state carried, as training does. For each τ it takes the gradients over all parameters of
+config, seeded by ``--seed``; ``LABEL=`` names it on the page) it reads ``--windows`` consecutive
+training windows of the config's corpus, with dropout on and the state carried, as training does.
+For each τ it takes the gradients over all parameters of
 
     CE        the mean cross-entropy of the window (J)
     AL(γ=1)   the mean KL(ỹ ‖ ŷ) times τ (α = γτ with γ = 1; the AL's gradient is linear in γ)
@@ -52,7 +53,12 @@ def _load(source: str, seed: int):
         torch.manual_seed(seed)
         return f"{source} (seed {seed})", config, corpus, build_model(config.model, len(corpus.vocab))
     checkpoint = load_checkpoint(source)
-    return str(source), checkpoint.config, load_corpus(checkpoint.config.data.corpus, checkpoint.vocab), checkpoint.model
+    return (
+        str(source),
+        checkpoint.config,
+        load_corpus(checkpoint.config.data.corpus, checkpoint.vocab),
+        checkpoint.model,
+    )
 
 
 def norm(grads) -> float:
@@ -60,7 +66,9 @@ def norm(grads) -> float:
 
 
 def cosine(a, b) -> float:
-    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True) if x is not None and y is not None)
+    dot = sum(
+        float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True) if x is not None and y is not None
+    )
     return dot / max(norm(a) * norm(b), 1e-300)
 
 
@@ -121,15 +129,15 @@ def render(results: list[dict], command: str, commit: str, hardware: str, second
             f"## {item['model']}",
             "",
             f"{'tied' if item['tied'] else 'untied'}, detach_target = {str(item['detach_target']).lower()}, "
-            f"{item['windows']} windows; cross-entropy gradient norm {item['ce_grad_norm']:.3g} (clip {item['clip']:g})",
+            f"{item['windows']} windows; cross-entropy gradient norm {item['ce_grad_norm']:.3g} "
+            f"(clip {item['clip']:g})",
             "",
             "| τ | KL | ratio, all parameters | ratio, word vectors | cosine |",
             "|---:|---:|---:|---:|---:|",
         ]
         for tau, row in item["taus"].items():
-            lines.append(
-                f"| {float(tau):g} | {row['kl']:.3g} | {row['ratio']:.3g} | {row['words_ratio']:.3g} | {row['cosine']:+.3f} |"
-            )
+            cells = (f"{float(tau):g}", f"{row['kl']:.3g}", f"{row['ratio']:.3g}", f"{row['words_ratio']:.3g}")
+            lines.append(f"| {' | '.join(cells)} | {row['cosine']:+.3f} |")
         lines.append("")
     return "\n".join(lines)
 
