@@ -82,6 +82,61 @@ def test_signal_writes_a_checkpoint_and_resume_is_exact(tmp_path, reference, sig
     assert_same_result(run, reference)
 
 
+class _ManualTimer:
+    """Stands in for threading.Timer in tiedlm.cli: ``fire()`` runs its function when the test says."""
+
+    made: list["_ManualTimer"] = []
+
+    def __init__(self, seconds, function):
+        self.seconds, self.function, self.cancelled = seconds, function, False
+        _ManualTimer.made.append(self)
+
+    def start(self):
+        pass
+
+    def cancel(self):
+        self.cancelled = True
+
+    def fire(self):
+        if not self.cancelled:
+            self.function()
+
+
+def test_stop_after_ends_the_stretch_with_a_checkpoint_and_resume_is_exact(tmp_path, reference, monkeypatch, capsys):
+    import tiedlm.cli
+
+    config = reference[0]
+    run = tmp_path / "run"
+    _ManualTimer.made.clear()
+    monkeypatch.setattr(tiedlm.cli.threading, "Timer", _ManualTimer)
+    original, calls = TrainingStep.window_loss, [0]
+
+    def window_loss(self, *args):  # the minutes are up in the middle of epoch 2
+        calls[0] += 1
+        if calls[0] == 30:
+            _ManualTimer.made[-1].fire()
+        return original(self, *args)
+
+    monkeypatch.setattr(TrainingStep, "window_loss", window_loss)
+    assert main(["train", str(config), "--out", str(run), "--stop-after", "90"]) == 143
+    (timer,) = _ManualTimer.made
+    assert timer.seconds == 90 * 60 and timer.cancelled  # and no SIGTERM is left pending for later
+    err = capsys.readouterr().err
+    assert "--stop-after 90: 90 minutes are up" in err and f"tiedlm train --resume {run}" in err
+    assert "+" in run_checkpoints(run)[-1].name  # a mid-epoch checkpoint
+    monkeypatch.setattr(TrainingStep, "window_loss", original)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert_same_result(run, reference)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "soon"])
+def test_stop_after_needs_a_positive_number_of_minutes(capsys, tmp_path, value):
+    for command in (["train", "c.toml"], ["reproduce", "ptb-small"]):
+        assert main([*command, "--stop-after", value]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "--stop-after" in line and "positive number of minutes" in line
+
+
 def test_second_sigint_exits_at_once_without_damage(tmp_path, reference):
     config = reference[0]
     run = tmp_path / "run"

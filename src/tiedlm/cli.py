@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from tiedlm import __version__
@@ -39,6 +40,45 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return value
+
+
+STOP_AFTER_HELP = (
+    "after this many minutes of wall time, stop as SIGTERM does: finish the window, write a checkpoint, "
+    "exit 143 (resume later; for machines whose sessions end)"
+)
+
+
+@contextlib.contextmanager
+def _stop_after(minutes: float | None):
+    """``--stop-after``: SIGTERM this process after ``minutes``; the trainers' handlers make that a clean stop.
+
+    Unlike ``train.time_limit_minutes`` (a budget of training time that ends the run with final.json),
+    this ends one stretch of it, mid-epoch, and the run resumes where it stopped."""
+    if minutes is None:
+        yield
+        return
+
+    def stop() -> None:
+        print(f"tiedlm: --stop-after {minutes:g}: {minutes:g} minutes are up, stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(minutes * 60, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextlib.contextmanager
@@ -69,6 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", help="run folder (default: runs/<config name>)")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or from checkpoint folder DIR)")
+    train.add_argument("--stop-after", type=_minutes, metavar="MINUTES", help=STOP_AFTER_HELP)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a split")
     evaluate.add_argument("checkpoint", help="checkpoint folder, or a run folder (uses its best/)")
@@ -114,6 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="config override for every variant, e.g. --set train.precision=bf16")  # fmt: skip
     reproduce.add_argument("--rerun", action="store_true", help="train again even where a run finished")
     reproduce.add_argument("--collect-only", action="store_true", help="train nothing; write the results")
+    reproduce.add_argument("--stop-after", type=_minutes, metavar="MINUTES", help=STOP_AFTER_HELP)
 
     data = commands.add_parser("data", help="corpora: fetch the ones too large to bundle")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -186,7 +228,8 @@ def _cmd_train(args) -> int:
 
     world = world_from_env()
     try:
-        return _train(args, world)
+        with _stop_after(args.stop_after):
+            return _train(args, world)
     finally:
         leave_world(world)
 
@@ -314,7 +357,8 @@ def _cmd_reproduce(args) -> int:
             for item in plans:
                 if item.run_dir.exists():
                     print(f"{item.table}/{item.variant}: previous run moved to {set_aside(item.run_dir)}")
-        code = train_all(plans, args.overrides, args.jobs)
+        with _stop_after(args.stop_after):
+            code = train_all(plans, args.overrides, args.jobs)
     rows = collect(plans, Path(args.results), command)
     for row in rows:
         print(
