@@ -250,6 +250,22 @@ def test_a_table_trained_in_stages_starts_each_from_the_one_before(tables):
     assert (tables / "results" / "ptb-small.json").read_text() == before
 
 
+def test_another_stage_is_an_override_and_starts_from_the_last_one(tables):
+    """--set paper.stages=3 (a candidate of the PTB-small protocol): stage 3 from stage 2's best weights; the
+    finished stages are collected, not trained again."""
+    path = tables / "configs" / "ptb" / "small-re.toml"
+    path.write_text(path.read_text().replace("[paper]\n", "[paper]\nstages = 2\n"))
+    assert reproduce(tables, "--variants", "re", "--set", "train.max_epochs=1") == 0
+    runs = tables / "runs" / "ptb-small"
+    stage2 = (runs / "re-stage2" / "final.json").read_text()
+    assert reproduce(tables, "--variants", "re", "--set", "train.max_epochs=1", "--set", "paper.stages=3") == 0
+    assert (runs / "re-stage2" / "final.json").read_text() == stage2
+    info = json.loads((runs / "re-stage3" / "run.json").read_text())
+    assert info["init_from"]["checkpoint"] == str((runs / "re-stage2" / "best").resolve())
+    (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert row["stage"] == 3 and row["valid"] == json.loads((runs / "re-stage3" / "final.json").read_text())["valid_ppl"]
+
+
 def test_a_later_stage_waits_for_the_one_before(tables):
     path = tables / "configs" / "ptb" / "small-re.toml"
     path.write_text(path.read_text().replace("[paper]\n", "[paper]\nstages = 2\n"))

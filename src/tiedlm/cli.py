@@ -348,7 +348,7 @@ def _cmd_reproduce(args) -> int:
     from tiedlm.reproduce import check_overrides, collect, configs_folder, plan, reproduce_command, set_aside, train_all
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    plans = plan(args.table, variants, configs_folder(args.configs), Path(args.runs))
+    plans = plan(args.table, variants, configs_folder(args.configs), Path(args.runs), args.overrides)
     check_overrides(plans, args.overrides)  # against every config, before anything starts
     command = reproduce_command(args.table, variants, args.overrides, args.runs, args.results)
     code = None

@@ -72,8 +72,11 @@ class Plan(InRunFolder):
         return self.previous is None or self.previous.finished
 
 
-def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Plan]:
-    """The stages to train, variant by variant, stage 1 first; every stage after the first needs the one before."""
+def plan(table: str, variants: list[str], configs: Path, runs: Path, overrides: list[str] = ()) -> list[Plan]:
+    """The stages to train, variant by variant, stage 1 first; every stage after the first needs the one before.
+
+    The number of stages is the config's ``paper.stages`` after ``overrides`` (``--set paper.stages=3``:
+    a third stage, from the second's best weights)."""
     from tiedlm.config import load_config
 
     if table not in TABLES:
@@ -86,7 +89,7 @@ def plan(table: str, variants: list[str], configs: Path, runs: Path) -> list[Pla
         config = configs / corpus / f"{size}-{variant}.toml"
         if not config.is_file():
             raise TiedlmError(f"{config}: no such config (give --configs, the folder holding ptb/ and wikitext-2/)")
-        stages = load_config(config).paper.stages
+        stages = load_config(config, overrides).paper.stages
         previous = None
         for stage in range(1, stages + 1):
             name = variant if stage == 1 else f"{variant}-stage{stage}"
