@@ -263,7 +263,9 @@ def test_another_stage_is_an_override_and_starts_from_the_last_one(tables):
     info = json.loads((runs / "re-stage3" / "run.json").read_text())
     assert info["init_from"]["checkpoint"] == str((runs / "re-stage2" / "best").resolve())
     (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
-    assert row["stage"] == 3 and row["valid"] == json.loads((runs / "re-stage3" / "final.json").read_text())["valid_ppl"]
+    assert (
+        row["stage"] == 3 and row["valid"] == json.loads((runs / "re-stage3" / "final.json").read_text())["valid_ppl"]
+    )
 
 
 def test_a_later_stage_waits_for_the_one_before(tables):
