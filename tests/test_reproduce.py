@@ -156,6 +156,17 @@ def test_collect_only_without_runs_is_an_error(tables, capsys):
     assert "no run has finished an epoch yet" in capsys.readouterr().err
 
 
+def test_a_stop_before_the_first_epoch_ends_is_a_stop_not_an_error(tables, capsys, monkeypatch):
+    import tiedlm.reproduce
+
+    # The trainers were stopped (--stop-after, SIGTERM) before any epoch ended: 143, so a queue can resume.
+    monkeypatch.setattr(tiedlm.reproduce, "train_all", lambda plans, overrides, jobs: 143)
+    assert reproduce(tables, "--variants", "al") == 143
+    out, err = capsys.readouterr()
+    assert "stopped before any run finished an epoch; nothing to collect yet" in out and err == ""
+    assert not (tables / "results").exists()
+
+
 def test_ordering_verdict_checks_the_papers_claim_pair_by_pair():
     def rows(**test):
         return [{"variant": v, "test": x} for v, x in test.items()]

@@ -345,7 +345,7 @@ def _cmd_bench(args) -> None:
 
 
 def _cmd_reproduce(args) -> int:
-    from tiedlm.reproduce import check_overrides, collect, configs_folder, plan, reproduce_command, set_aside, train_all
+    from tiedlm.reproduce import NothingToCollect, check_overrides, collect, configs_folder, plan, reproduce_command, set_aside, train_all
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     plans = plan(args.table, variants, configs_folder(args.configs), Path(args.runs), args.overrides)
@@ -359,7 +359,14 @@ def _cmd_reproduce(args) -> int:
                     print(f"{item.table}/{item.variant}: previous run moved to {set_aside(item.run_dir)}")
         with _stop_after(args.stop_after):
             code = train_all(plans, args.overrides, args.jobs)
-    rows = collect(plans, Path(args.results), command)
+    try:
+        rows = collect(plans, Path(args.results), command)
+    except NothingToCollect:
+        if not code:
+            raise
+        # Stopped (--stop-after, SIGTERM) before any run's first epoch ended: the stop is the news, not an error.
+        print(f"{args.table}: stopped before any run finished an epoch; nothing to collect yet")
+        return code
     for row in rows:
         print(
             f"{row['table']}/{row['variant']}: {row['status']}, valid {row['valid'] or row['best_valid_so_far']:.2f}"

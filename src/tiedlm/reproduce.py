@@ -44,6 +44,10 @@ TABLES = {
 }
 
 
+class NothingToCollect(TiedlmError):
+    """No run of the table has finished an epoch, so there is no row to write."""
+
+
 @dataclass
 class Plan(InRunFolder):
     """Where one training stage of one variant has its config, run folder and collected logs.
@@ -361,7 +365,7 @@ def collect(plans: list[Plan], results: Path, command: str) -> list[dict[str, An
         stage_rows.append(row)
     if not stage_rows:
         where = ", ".join(str(item.run_dir) for item in plans)
-        raise TiedlmError(f"reproduce {table}: no run has finished an epoch yet ({where})")
+        raise NothingToCollect(f"reproduce {table}: no run has finished an epoch yet ({where})")
     rows = report_rows(stage_rows, plans)
     _write_text(results / f"{table}.json", json.dumps(rows, indent=2) + "\n")
     plot_curves(rows, results / f"{table}.png", title=table)
