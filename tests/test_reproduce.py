@@ -190,6 +190,9 @@ def test_fit_lines_show_the_gap_and_the_recent_gain():
     # One epoch only: no gain to show; a log without lr shows a dash.
     short = {"name": "VD", "curve": [{"epoch": 1, "train_ppl": 300.0, "valid_ppl": 250.0}]}
     assert fit_lines([short])[-2] == "| VD | 1 | — | 300.0 | 250.0 | -50.0 | — |"
+    # A variant trained in stages has one line per stage, each named.
+    staged = [{**row, "stage": n, "stages": 2} for n in (1, 2)]
+    assert [line.split(" | ")[0] for line in fit_lines(staged)[-3:-1]] == ["| VD, stage 1", "| VD, stage 2"]
 
 
 def test_a_run_that_differs_from_its_config_file_says_so(tables):

@@ -345,7 +345,16 @@ def _cmd_bench(args) -> None:
 
 
 def _cmd_reproduce(args) -> int:
-    from tiedlm.reproduce import NothingToCollect, check_overrides, collect, configs_folder, plan, reproduce_command, set_aside, train_all
+    from tiedlm.reproduce import (
+        NothingToCollect,
+        check_overrides,
+        collect,
+        configs_folder,
+        plan,
+        reproduce_command,
+        set_aside,
+        train_all,
+    )
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     plans = plan(args.table, variants, configs_folder(args.configs), Path(args.runs), args.overrides)

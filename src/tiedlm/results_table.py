@@ -124,7 +124,7 @@ def fit_lines(rows: list[dict[str, Any]], window: int = 5) -> list[str]:
         gain = (recent[0]["valid_ppl"] - last["valid_ppl"]) / (len(recent) - 1) if len(recent) > 1 else None
         lr = "—" if last.get("lr") is None else f"{last['lr']:.3g}"
         lines.append(
-            f"| {row['name']} | {last['epoch']} | {lr} | {last['train_ppl']:.1f} | {last['valid_ppl']:.1f} "
+            f"| {_stage_name(row)} | {last['epoch']} | {lr} | {last['train_ppl']:.1f} | {last['valid_ppl']:.1f} "
             f"| {last['valid_ppl'] - last['train_ppl']:+.1f} | {'—' if gain is None else f'{gain:+.2f}'} |"
         )
     return lines + [""]
