@@ -7,8 +7,8 @@ import pytest
 
 from conftest import write_config
 from tiedlm.cli import main
-from tiedlm.reproduce import count_parameters, hardware_text
-from tiedlm.results_table import fit_lines, ordering, ordering_verdict
+from tiedlm.reproduce import count_parameters, hardware_text, stretch_rows
+from tiedlm.results_table import fit_lines, ordering, ordering_verdict, stretch_lines
 
 PAPER = {"vd": (92.6, 87.3), "al": (86.3, 82.9), "re": (89.9, 85.1), "real": (86.3, 82.7)}
 SETTINGS = {"vd": (False, False), "al": (False, True), "re": (True, False), "real": (True, True)}
@@ -113,6 +113,26 @@ def test_a_run_resumed_on_other_hardware_names_both():
     assert hardware_text(info) == "AMD EPYC, 2 threads; resumed on AMD EPYC, 1 thread"
     info["resumed"] = [{"hardware": "AMD EPYC, 2 threads"}]
     assert hardware_text(info) == "AMD EPYC, 2 threads"
+
+
+def test_every_stretch_of_a_run_is_listed_with_its_machine_and_epochs():
+    config = {"train": {"precision": "fp32"}}
+    info = {
+        "started": "2026-12-01T09:43:15+00:00", "hardware": "AMD EPYC, 1 thread", "commit": "a" * 40,
+        "resumed": [
+            {"from_epoch": 9, "hardware": "AMD EPYC, 2 threads", "cpu_features": "AVX2", "precision": "bf16"},
+            {"from_epoch": 9, "hardware": "NVIDIA H200", "precision": "fp32", "commit": "b" * 40},  # stopped mid-epoch
+        ],
+    }  # fmt: skip
+    stretches = stretch_rows(info, config, last_epoch=12)
+    assert [s["epochs"] for s in stretches] == ["1–8", "", "9–12"]
+    assert [s["precision"] for s in stretches] == ["fp32", "bf16", "fp32"]
+    assert [s["hardware"] for s in stretches] == ["AMD EPYC, 1 thread", "AMD EPYC, 2 threads", "NVIDIA H200"]
+    row = {"name": "VD", "stage": 1, "stages": 1, "stretches": stretches}
+    lines = stretch_lines([row])[-3:]
+    assert lines[0] == "| VD | 1 | 2026-12-01 09:43 | 1–8 | AMD EPYC, 1 thread | not recorded | fp32 | `aaaaaaaa` |"
+    assert lines[1] == "| VD | 2 | ? | — | AMD EPYC, 2 threads | AVX2 | bf16 | ? |"
+    assert lines[2].startswith("| VD | 3 | ? | 9–12 | NVIDIA H200 |")
 
 
 def test_unfinished_runs_are_reported_as_in_progress(tables):

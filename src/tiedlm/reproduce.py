@@ -286,6 +286,7 @@ def collect_run(item: Plan, files: dict[str, Path]) -> dict[str, Any] | None:
         "commits": list(dict.fromkeys(c.get("commit") for c in stretches if c.get("commit"))),  # in order of use
         "command": _command_text(info["command"]),
         "resumed": [_command_text(r["command"]) for r in info.get("resumed", [])],
+        "stretches": stretch_rows(info, config, metrics[-1]["epoch"]),
         "init_from": (info.get("init_from") or {}).get("checkpoint"),
         "torch": info.get("torch"),
         "curve": [
@@ -301,6 +302,31 @@ def collect_run(item: Plan, files: dict[str, Path]) -> dict[str, Any] | None:
         ],
     }
     return row
+
+
+def stretch_rows(info: dict[str, Any], config: dict[str, Any], last_epoch: int) -> list[dict[str, Any]]:
+    """Each process that trained the run (its start, then every resume): when, where, and the epochs it ended.
+
+    A stretch that was stopped mid-epoch ends no epoch of its own: the next one finishes that epoch.
+    """
+    stretches = [info, *info.get("resumed", [])]
+    firsts = [1, *(r.get("from_epoch") for r in stretches[1:])]
+    rows = []
+    for index, stretch in enumerate(stretches):
+        first = firsts[index]
+        after = firsts[index + 1] if index + 1 < len(firsts) else last_epoch + 1
+        ended = f"{first}–{after - 1}" if isinstance(first, int) and isinstance(after, int) and after > first else ""
+        rows.append(
+            {
+                "started": stretch.get("started"),
+                "epochs": ended,  # "" when it ended none (or an old run.json lacks from_epoch)
+                "hardware": stretch.get("hardware") or f"{info.get('device_name', '?')}",
+                "cpu_features": stretch.get("cpu_features"),
+                "precision": stretch.get("precision") or (config["train"]["precision"] if index == 0 else None),
+                "commit": stretch.get("commit"),
+            }
+        )
+    return rows
 
 
 def precision_text(info: dict[str, Any], config: dict[str, Any]) -> str:

@@ -130,6 +130,28 @@ def fit_lines(rows: list[dict[str, Any]], window: int = 5) -> list[str]:
     return lines + [""]
 
 
+def stretch_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Every stretch (one process: the start, or a resume) of every run: when it started, the epochs it
+    ended, the machine, its CPU features, the precision and the commit."""
+    lines = [
+        "",
+        "Stretches: each process that trained a run, its start or a resume (a stretch stopped mid-epoch",
+        "ends no epoch; the next one finishes it):",
+        "",
+        "| run | stretch | started (UTC) | epochs ended | hardware | CPU features | precision | commit |",
+        "|---|---:|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for number, stretch in enumerate(row.get("stretches", []), 1):
+            started = (stretch["started"] or "?").replace("+00:00", "").replace("T", " ")[:16]
+            commit = f"`{stretch['commit'][:8]}`" if stretch.get("commit") else "?"
+            lines.append(
+                f"| {_stage_name(row)} | {number} | {started} | {stretch['epochs'] or '—'} | {stretch['hardware']} "
+                f"| {stretch.get('cpu_features') or 'not recorded'} | {stretch.get('precision') or '?'} | {commit} |"
+            )
+    return lines
+
+
 def _stage_name(row: dict[str, Any]) -> str:
     return row["name"] + (f", stage {row['stage']}" if row.get("stages", 1) > 1 else "")
 
@@ -216,6 +238,7 @@ def render_markdown(
             f"| {_stage_name(row)} | {row['seed']} | {row['precision']} | {row['dropout_mode']} | {row['hardware']} "
             f"| {commits} | {row['torch']} | [{row['key']}.jsonl]({row['log']}) |"
         )
+    lines += stretch_lines(stage_rows)
     drifted = [row for row in stage_rows if row.get("differs_from_config")]
     if drifted:
         lines += [
