@@ -7,8 +7,9 @@ import pytest
 
 from conftest import write_config
 from tiedlm.cli import main
-from tiedlm.reproduce import count_parameters, hardware_text, stretch_rows
+from tiedlm.reproduce import count_parameters
 from tiedlm.results_table import fit_lines, ordering, ordering_verdict, stretch_lines
+from tiedlm.stretches import hardware_text, stretch_rows
 
 PAPER = {"vd": (92.6, 87.3), "al": (86.3, 82.9), "re": (89.9, 85.1), "real": (86.3, 82.7)}
 SETTINGS = {"vd": (False, False), "al": (False, True), "re": (True, False), "real": (True, True)}
