@@ -15,6 +15,10 @@ and reports the ratio of their norms (the AL's share of the update at γ = 1; mu
 cosine, and the same ratio on the word-vector matrix alone. The trainer's loss functions form both
 terms (tiedlm/loss/augmented.py), with the config's ``loss.detach_target``.
 
+For an untied model it also gives what the AL is meant to do to the weights (docs/method.md §8):
+the distance of the output matrix W from span(L), ‖(I − P_L) W‖_F / ‖W‖_F, and the two matrices'
+mean row norms. A tied model's distance is 0 by construction.
+
 Writes OUT.md (do not edit by hand) and OUT.json.
 """
 
@@ -23,12 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from tiedlm.analysis.subspace import subspace_distance
 from tiedlm.checkpoint import load_checkpoint
 from tiedlm.config import load_config
 from tiedlm.data import batchify, bptt_windows, detach_state, load_corpus
@@ -101,9 +107,13 @@ def measure(source: str, taus: list[float], windows: int, seed: int) -> dict:
             row["kl"].append(float(kl.detach().mean()))
             row["ce"].append(float(ce.detach().mean()))
     mean = lambda values: sum(values) / len(values)  # noqa: E731
+    tied = bool(config.model.tie_weights)
+    output, embedding = model.decoder.weight.detach(), model.embedding.weight.detach()
     return {
         "model": label,
-        "tied": bool(config.model.tie_weights),
+        "tied": tied,
+        "distance": 0.0 if tied else subspace_distance(output, embedding),
+        "row_norms": {"W": float(output.norm(dim=1).mean()), "L": float(embedding.norm(dim=1).mean())},
         "detach_target": bool(config.loss.detach_target),
         "windows": windows,
         "ce_grad_norm": mean(ce_norms),
@@ -131,6 +141,10 @@ def render(results: list[dict], command: str, commit: str, hardware: str, second
             f"{'tied' if item['tied'] else 'untied'}, detach_target = {str(item['detach_target']).lower()}, "
             f"{item['windows']} windows; cross-entropy gradient norm {item['ce_grad_norm']:.3g} "
             f"(clip {item['clip']:g})",
+            "",
+            f"distance of W from span(L): {item['distance']:.3f}"
+            + (" (tied: W is L)" if item["tied"] else "")
+            + f"; mean row norm of W {item['row_norms']['W']:.3g}, of L {item['row_norms']['L']:.3g}",
             "",
             "| τ | KL | ratio, all parameters | ratio, word vectors | cosine |",
             "|---:|---:|---:|---:|---:|",
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = (git_commit() or "?")[:8]
     bf16 = "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else "AVX2-only"
     hardware = f"{runtime_hardware('cpu')} ({bf16}), torch {torch.__version__}"
-    command = "python scripts/al_strength.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/al_strength.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": command, "commit": commit, "hardware": hardware, "seconds": seconds}

@@ -19,7 +19,7 @@ def script():
 
 
 def test_it_measures_each_temperature_and_writes_the_page(tmp_path):
-    config = write_config(tmp_path / "c.toml", write_corpus(tmp_path / "corpus"))
+    config = write_config(tmp_path / "c.toml", write_corpus(tmp_path / "corpus"), tie=False)
     out = tmp_path / "page"
     assert script().main([f"fresh=init:{config}", "--taus", "1,20", "--windows", "2", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
@@ -31,7 +31,20 @@ def test_it_measures_each_temperature_and_writes_the_page(tmp_path):
         assert row["ratio"] > 0 and -1 <= row["cosine"] <= 1
     # a hotter softmax is flatter: ỹ and ŷ move towards uniform, and their KL falls
     assert rows["20.0"]["kl"] < rows["1.0"]["kl"]
-    assert "| 20 |" in out.with_suffix(".md").read_text()
+    page = out.with_suffix(".md").read_text()
+    assert "| 20 |" in page
+    # untied: W and L start independent, so W lies almost wholly outside span(L) (≈ 1, not 0)
+    assert 0.5 < model["distance"] <= 1 and "distance of W from span(L)" in page
+    assert model["row_norms"]["W"] > 0 and model["row_norms"]["L"] > 0
+
+
+def test_a_tied_model_is_at_distance_zero_and_the_command_can_be_pasted(tmp_path):
+    config = write_config(tmp_path / "c.toml", write_corpus(tmp_path / "corpus"), tie=True)
+    out = tmp_path / "page"
+    assert script().main([f"a tied one=init:{config}", "--taus", "20", "--windows", "1", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["models"][0]["distance"] == 0.0
+    assert "'a tied one=init:" in result["command"]  # the label's spaces are quoted
 
 
 def test_bad_options_are_one_line_errors(tmp_path):
