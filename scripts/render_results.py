@@ -51,6 +51,10 @@ def _rows(results: Path, table: str, study: str = "") -> list[dict]:
             status = "stopped by its time limit"
         if row.get("stages", 1) > 1:  # trained in stages (the paper's protocol): the last one is reported
             status = f"stage {row['stage']} of {row['stages']}: {status}"
+        if row.get("next_stage_waiting"):  # an earlier stage's numbers, named as such: not the cell
+            n = row["stage"]
+            row["ours"] = f"(stage {n}: {_ppl(row[f'stage{n}_valid'])} / {_ppl(row[f'stage{n}_test'])})"
+            status = f"stage {n} of {row['stages']} finished; stage {n + 1} has no epoch yet"
         status += _drift_text(row)
         row["status_text"] = status
     return rows

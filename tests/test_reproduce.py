@@ -313,6 +313,22 @@ def test_a_later_stage_waits_for_the_one_before(tables):
     (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert row["stage"] == 1 and row["status"] == "in progress" and row["valid"] is None
     assert "| VD + RE | 2 of 2 | — | — | — | — | not started |" in (tables / "results" / "ptb-small.md").read_text()
+    assert (
+        not row["next_stage_waiting"]
+        and "stage 1 of 2: in progress" in (tables / "results" / "ptb-small.md").read_text()
+    )
+
+
+def test_a_finished_stage_is_not_called_in_progress_while_the_next_has_no_epoch(tables):
+    path = tables / "configs" / "ptb" / "small-re.toml"
+    path.write_text(path.read_text().replace("[paper]\n", "[paper]\nstages = 2\n"))
+    run = tables / "runs" / "ptb-small" / "re"
+    assert main(["train", str(path), "--out", str(run), "--set", "train.max_epochs=1"]) == 0  # stage 1 finished
+    assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
+    assert row["next_stage_waiting"] and row["valid"] is None and row["stage1_valid"] is not None
+    page = (tables / "results" / "ptb-small.md").read_text()
+    assert "stage 1 of 2 finished; stage 2 has no epoch yet" in page and "stage 1 of 2: in progress" not in page
 
 
 @pytest.mark.parametrize("table", ["ptb-small"])  # wikitext-2-small's logs predate the collected config.json

@@ -312,6 +312,8 @@ def report_rows(stage_rows: list[dict[str, Any]], plans: list[Plan]) -> list[dic
         row = dict(stages[-1])
         complete = row["stage"] == last.stage
         if not complete:
+            # the next stage is waiting for its first epoch when this one has finished
+            row["next_stage_waiting"] = row["status"] == "finished"
             row.update(status="in progress", valid=None, test=None, stopped_by=None)
         for earlier in stages[:-1] if complete else stages:
             n = earlier["stage"]

@@ -209,6 +209,8 @@ def render_markdown(
             status += f" (best valid so far {row['best_valid_so_far']:.2f})"
         if row.get("stages", 1) > 1:
             status = f"stage {row['stage']} of {row['stages']}: {status}"
+        if row.get("next_stage_waiting"):
+            status = f"stage {row['stage']} of {row['stages']} finished; stage {row['stage'] + 1} has no epoch yet"
         lines.append(
             f"| {row['name']} | {_number(row['paper_valid'])} | {_number(row['paper_test'])} "
             f"| {_number(row['valid'], 2)} | {_number(row['test'], 2)} "
