@@ -312,7 +312,7 @@ def test_a_later_stage_waits_for_the_one_before(tables):
     assert reproduce(tables, "--variants", "re", "--collect-only") == 0
     (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert row["stage"] == 1 and row["status"] == "in progress" and row["valid"] is None
-    assert "| VD + RE | 2 of 2 | — | — | — | — | not started |" in (tables / "results" / "ptb-small.md").read_text()
+    assert "| VD + RE | 2 of 2 | — | — | — | — | no epoch yet |" in (tables / "results" / "ptb-small.md").read_text()
     assert (
         not row["next_stage_waiting"]
         and "stage 1 of 2: in progress" in (tables / "results" / "ptb-small.md").read_text()

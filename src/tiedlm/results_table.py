@@ -181,7 +181,7 @@ def stage_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"| {stage['wall_s'] / 60:.0f} min | {status} |"
             )
         for missing in range(len(row["stage_rows"]) + 1, row["stages"] + 1):
-            lines.append(f"| {row['name']} | {missing} of {row['stages']} | — | — | — | — | not started |")
+            lines.append(f"| {row['name']} | {missing} of {row['stages']} | — | — | — | — | no epoch yet |")
     return lines + [""]
 
 
