@@ -319,12 +319,14 @@ def test_a_later_stage_waits_for_the_one_before(tables):
     )
 
 
-def test_a_finished_stage_is_not_called_in_progress_while_the_next_has_no_epoch(tables):
+def test_a_finished_stage_is_not_called_in_progress_while_the_next_has_no_epoch(tables, capsys):
     path = tables / "configs" / "ptb" / "small-re.toml"
     path.write_text(path.read_text().replace("[paper]\n", "[paper]\nstages = 2\n"))
     run = tables / "runs" / "ptb-small" / "re"
     assert main(["train", str(path), "--out", str(run), "--set", "train.max_epochs=1"]) == 0  # stage 1 finished
+    capsys.readouterr()
     assert reproduce(tables, "--variants", "re", "--collect-only") == 0
+    assert "ptb-small/re: stage 1 finished, valid " in capsys.readouterr().out
     (row,) = json.loads((tables / "results" / "ptb-small.json").read_text())
     assert row["next_stage_waiting"] and row["valid"] is None and row["stage1_valid"] is not None
     page = (tables / "results" / "ptb-small.md").read_text()

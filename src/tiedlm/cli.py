@@ -377,10 +377,10 @@ def _cmd_reproduce(args) -> int:
         print(f"{args.table}: stopped before any run finished an epoch; nothing to collect yet")
         return code
     for row in rows:
-        print(
-            f"{row['table']}/{row['variant']}: {row['status']}, valid {row['valid'] or row['best_valid_so_far']:.2f}"
-            f" (paper {row['paper_valid']}), epochs {row['epochs']}"
-        )
+        status = f"{row['status']}, valid {row['valid'] or row['best_valid_so_far']:.2f}"
+        if row.get("next_stage_waiting"):
+            status = f"stage {row['stage']} finished, valid {row['best_valid_so_far']:.2f}; the next has no epoch yet"
+        print(f"{row['table']}/{row['variant']}: {status} (paper {row['paper_valid']}), epochs {row['epochs']}")
     print(f"wrote {Path(args.results) / (args.table + '.md')}")
     return code or 0
 
