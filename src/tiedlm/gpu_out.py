@@ -67,7 +67,7 @@ def _tar_bytes(entries: list[tuple[Path, str]], compress: bool) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # one per writer: two lanes may write it at once
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
