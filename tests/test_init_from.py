@@ -1,5 +1,6 @@
 """train.init_from: a new run started from another run's weights (the paper's second stage for PTB small)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -56,6 +57,7 @@ def test_a_run_started_from_another_resumes_like_any_other(tmp_path, trained_run
     ("override", "message"),
     [
         ("model.hidden_size=16", "model.hidden_size is 12 there but 16 here"),
+        ("model.num_layers=1", "model.num_layers is 2 there but 1 here"),  # found by the weights' shapes
         ("model.tie_weights=false", "model.tie_weights is True there but False here"),
         ("model.output_bias=on", "output bias"),
     ],
@@ -72,12 +74,30 @@ def test_a_different_architecture_is_refused_naming_what_differs(
     assert err.startswith("tiedlm: error: train.init_from") and message in err and "\n" not in err
 
 
-def test_a_different_vocabulary_is_refused(tmp_path, trained_run):
+def test_a_different_vocabulary_is_refused(tmp_path, trained_run, capsys):
     from conftest import write_corpus
 
     other = write_config(tmp_path / "other.toml", write_corpus(tmp_path / "other", vocab=25))
     code = main(["train", str(other), "--out", str(tmp_path / "s2"), "--set", f"train.init_from={trained_run}"])
     assert code == 2
+    assert "the vocabulary differs" in capsys.readouterr().err  # named before the embedding's shape
+
+
+def test_weights_of_another_shape_are_refused_for_any_architecture(tmp_path, trained_run):
+    """No list of shape settings per architecture: the weights' shapes decide, and every differing setting is named."""
+    from tiedlm.checkpoint import init_weights_from, load_checkpoint
+    from tiedlm.errors import TiedlmError
+    from tiedlm.models import build_model
+
+    source = load_checkpoint(trained_run)
+    config = source.config
+    wider = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_size=14, dropout=0.1))
+    model = build_model(wider.model, len(source.vocab))
+    with pytest.raises(TiedlmError) as caught:
+        init_weights_from(model, wider, source.vocab, trained_run, "cpu")
+    message = str(caught.value)
+    assert "its weights do not fit this model" in message and "×12 there but" in message
+    assert "model.hidden_size is 12 there but 14 here" in message and "model.dropout is" in message
 
 
 def test_a_damaged_source_is_refused(tmp_path, trained_run_copy, config_file, capsys):

@@ -153,3 +153,18 @@ def test_a_plain_model_config_builds_any_architecture_at_its_defaults():
     assert dataclasses.asdict(model.config) == dataclasses.asdict(
         small("rhn", hidden_size=6, depth=10, output_bias="auto")
     )
+
+
+def test_a_settings_class_must_default_to_its_own_architecture():
+    @dataclass
+    class ForgetfulConfig(ModelConfig):  # architecture left at the shared default, "lstm"
+        width: int = 3
+
+    class Forgetful(LanguageModel):
+        config_class = ForgetfulConfig
+
+    from tiedlm.models.base import register
+
+    with pytest.raises(TypeError, match=r"ForgetfulConfig needs `architecture: str = 'forgetful'`"):
+        register("forgetful")(Forgetful)
+    assert "forgetful" not in ARCHITECTURES and "forgetful" not in MODEL_SETTINGS

@@ -40,8 +40,8 @@ from tiedlm.evaluate import evaluate
 from tiedlm.loss import DEFAULT_CHUNK_ELEMENTS
 from tiedlm.models import ARCHITECTURES, build_model
 from tiedlm.precision import bf16_native, cpu_features
-from tiedlm.runtime import frozen_heap
-from tiedlm.train import PHASES, TrainingStep, make_optimizer, resolve_device
+from tiedlm.runtime import frozen_heap, resolve_device
+from tiedlm.training import PHASES, TrainingStep, make_optimizer
 
 
 def matmul_peak_gflops(
@@ -269,6 +269,7 @@ def bench(config: Config, windows: int = 20, warmup: int = 3, reference: bool = 
 
         reference_timing = time_windows(naive_window, work.batches, warmup, device)
         report["reference_train_tokens_per_s"] = reference_timing.tokens_per_s
+        report["reference"] = type(naive).__name__  # NaiveLSTM, NaiveRHN: each architecture names its own
         report["speedup_over_reference"] = train.tokens_per_s / reference_timing.tokens_per_s
     return report
 
@@ -291,7 +292,7 @@ def format_report(report: dict) -> str:
     if "reference_train_tokens_per_s" in report:
         lines.append(
             f"  reference  {report['reference_train_tokens_per_s']:>10,.0f} tokens/s  "
-            f"(naive {'RHN loop' if report.get('architecture') == 'rhn' else 'nn.LSTM'} + AL by definition, fp32): "
+            f"({report.get('reference', 'naive reference')} + AL by definition, fp32): "
             f"tiedlm is {report['speedup_over_reference']:.2f}x"
         )
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -472,18 +472,28 @@ def load_latest_good(run_dir: Path, device: str | torch.device = "cpu") -> tuple
     )
 
 
-# What fixes the shapes of a model's weights, per architecture (the other model settings, dropout
-# included, may differ between a run and the run it starts from).
-_STRUCTURE = {
-    "lstm": ("hidden_size", "num_layers", "tie_weights"),
-    "rhn": ("hidden_size", "depth", "tie_weights"),
-    "transformer": ("hidden_size", "num_layers", "num_heads", "context_size", "tie_weights"),
-}
-
-
 def manifest_digest(path: Path) -> str:
     """The digest that seals a verified checkpoint's manifest (it changes when any file does)."""
     return json.loads((path / MANIFEST).read_text(encoding="utf-8"))["self"]
+
+
+def differs(theirs, ours, name: str) -> str:
+    """ "model.NAME is A there but B here", or "" when the two model settings agree on NAME."""
+    a, b = getattr(theirs, name), getattr(ours, name)
+    return "" if a == b else f"model.{name} is {a!r} there but {b!r} here"
+
+
+def shape_mismatch(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> str:
+    """The first weight that one state dict lacks or holds in another shape, in words ("" when they fit)."""
+    for name in sorted(theirs.keys() | ours.keys()):
+        a, b = theirs.get(name), ours.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            return f"{name} is {_shape(a)} there but {_shape(b)} here"
+    return ""
+
+
+def _shape(tensor: torch.Tensor | None) -> str:
+    return "absent" if tensor is None else "×".join(map(str, tensor.shape))
 
 
 def init_weights_from(
@@ -501,12 +511,9 @@ def init_weights_from(
     except TiedlmError as exc:
         raise TiedlmError(f"{where}: {exc}") from None
     theirs, ours = checkpoint.config.model, config.model
-    fields = ("architecture", *_STRUCTURE.get(ours.architecture, ()))
-    for name in fields:
+    for name in ("architecture", "tie_weights"):  # tying shares a tensor, so the shapes alone do not show it
         if getattr(theirs, name) != getattr(ours, name):
-            raise TiedlmError(
-                f"{where}: model.{name} is {getattr(theirs, name)!r} there but {getattr(ours, name)!r} here"
-            )
+            raise TiedlmError(f"{where}: {differs(theirs, ours, name)}")
     if theirs.has_output_bias() != ours.has_output_bias():
         have = "has" if theirs.has_output_bias() else "has no"
         raise TiedlmError(f"{where}: its decoder {have} output bias, unlike this config's (model.output_bias)")
@@ -520,6 +527,11 @@ def init_weights_from(
             else f"{len(checkpoint.vocab)} words there, {len(vocab)} here"
         )
         raise TiedlmError(f"{where}: the vocabulary differs from this corpus's ({detail})")
+    misfit = shape_mismatch(checkpoint.model.state_dict(), model.state_dict())
+    if misfit:  # any architecture: the settings that differ are named, whichever of them fix the shapes
+        settings = [differs(theirs, ours, f.name) for f in fields(ours) if hasattr(theirs, f.name)]
+        named = "; ".join(text for text in settings if text) or "no model setting differs"
+        raise TiedlmError(f"{where}: its weights do not fit this model ({misfit}; {named})")
     model.load_state_dict(checkpoint.model.state_dict())
     progress = checkpoint.trainer_state.get("progress", {})
     return {

@@ -150,7 +150,7 @@ def _one_line(error: BaseException) -> str:
 
 
 class CapturedStep:
-    """A drop-in for :class:`tiedlm.train.TrainingStep` (same call, same result) that replays a CUDA graph.
+    """A drop-in for :class:`tiedlm.training.TrainingStep` (same call, same result) that replays a CUDA graph.
 
     ``step`` must have been built with ``static_shapes=True``. ``capture=None`` captures on a
     CUDA device and runs buffered elsewhere. ``strict`` (``train.cuda_graph = on``) makes a

@@ -123,10 +123,6 @@ def _read_bundled(corpus: str, split: str) -> tuple[str, str]:
     return _decode(data, f"bundled corpus {name}"), actual
 
 
-def read_split_file(path: Path) -> str:
-    return _read_split_file(path)[0]
-
-
 def _read_split_file(path: Path) -> tuple[str, str]:
     """The text of a split file and the SHA-256 of its bytes."""
     try:

@@ -188,13 +188,7 @@ def kl_backward(
     if whole:
         unit_blocks = [(Units(target_ids=kept.target_ids, log_q=kept.log_q, q=kept.q), [kept])]
     else:
-        unit_blocks = (
-            (units, (token_block(logits, emb, units, tau=tau, tokens=tokens, row=row) for tokens, row in chunks))
-            for units, chunks in (
-                (kept if kept is not None else unit_block(logits, emb, tau=tau, target_ids=target_ids), chunks)
-                for target_ids, chunks in groups(targets, chunk_rows)
-            )
-        )
+        unit_blocks = recomputed_blocks(logits, emb, targets, kept, tau=tau, chunk_rows=chunk_rows)
     for units, blocks in unit_blocks:
         target = TargetGradient(units, g.dtype) if train_target else None
         for block in blocks:
@@ -210,6 +204,15 @@ def kl_backward(
     if train_target and grad_emb is None:
         grad_emb = torch.zeros_like(emb)
     return grad_z, grad_emb
+
+
+def recomputed_blocks(logits, emb, targets, kept: Units | None, *, tau: float, chunk_rows: int):
+    """The backward pass's blocks when the forward kept no whole block: per unit block, its ỹ (``kept``
+    when the forward kept the one unit block's, else formed again) and a generator of its token blocks,
+    so that one chunk's (n, V) arrays exist at a time."""
+    for target_ids, chunks in groups(targets, chunk_rows):
+        units = kept if kept is not None else unit_block(logits, emb, tau=tau, target_ids=target_ids)
+        yield units, (token_block(logits, emb, units, tau=tau, tokens=tokens, row=row) for tokens, row in chunks)
 
 
 def _add_logit_gradient(grad_z, block: Block, *, weights: torch.Tensor, tau: float):

@@ -1,5 +1,6 @@
 """Language-model architectures, one file each; every one is a :class:`LanguageModel` (models/base.py)
-registered under its ``model.architecture`` name, and returns ``(logits, new_state)`` from ``forward``."""
+registered under its ``model.architecture`` name, and returns ``(logits, new_state)`` from ``forward``
+(the top outputs h instead of logits with ``decode=False``)."""
 
 import importlib
 import pkgutil

@@ -37,6 +37,9 @@ def register(name: str):
     """Class decorator: make ``model.architecture = NAME`` build this class (with its ``config_class``)."""
 
     def add(cls: type[LanguageModel]) -> type[LanguageModel]:
+        default = cls.config_class.__dataclass_fields__["architecture"].default
+        if cls.config_class is not ModelConfig and default != name:
+            raise TypeError(f"{cls.config_class.__name__} needs `architecture: str = {name!r}` (it has {default!r})")
         cls.architecture = name
         ARCHITECTURES[name] = cls
         MODEL_SETTINGS[name] = cls.config_class  # what tiedlm.config reads a [model] table into

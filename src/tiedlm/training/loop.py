@@ -29,7 +29,9 @@ from tiedlm.checkpoint import (
     link_checkpoint,
     remove_dir,
     remove_stale,
-    save_checkpoint,
+)
+from tiedlm.checkpoint import (
+    save_checkpoint as write_checkpoint_folder,
 )
 from tiedlm.config import Config
 from tiedlm.cuda_graph import CapturedStep, plan_step
@@ -191,7 +193,9 @@ class Trainer:
         # What run.json records of this stretch: its precision, why, and how the training step runs.
         self.precision_info = {"precision": self.precision, "precision_reason": self.precision_reason}
         self.precision_info["training_step"] = step_info
-        step = TrainingStep(self.model, self.optimizer, config, world, self.forward, self.precision, captured)
+        step = TrainingStep(
+            self.model, self.optimizer, config, world, self.forward, self.precision, static_shapes=captured
+        )
         step.fault_hook = self.fault_hook
         return CapturedStep(step, strict=config.train.cuda_graph == "on") if captured else step
 
@@ -207,7 +211,7 @@ class Trainer:
     # --- training ------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train until max_epochs or early stopping, then report best/ on valid and test."""
+        """Train until max_epochs, early stopping or the time limit, then report best/ on valid and test."""
         with frozen_heap():  # the set-up stays out of the garbage collector's scans (tiedlm.runtime)
             try:
                 while self._stop_reason() is None:
@@ -248,7 +252,7 @@ class Trainer:
         self.save_checkpoint(improved=improved)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training split (from ``self.position`` on); returns mean CE, KL and tokens."""
+        """One pass over the training split (from ``self.position`` on); returns mean CE, KL, tokens and seconds."""
         config, model, world = self.config, self.model, self.world
         model.train()
         bptt = config.data.bptt
@@ -268,8 +272,8 @@ class Trainer:
             desc=f"epoch {epoch}/{config.train.max_epochs}",
             unit="tok", unit_scale=True, disable=None if world.main else True, leave=False, dynamic_ncols=True,
         )  # fmt: skip
-        for step, (inputs, targets) in enumerate(bptt_windows(source, bptt, start=start.window), start.window):
-            if step == windows:
+        for window, (inputs, targets) in enumerate(bptt_windows(source, bptt, start=start.window), start.window):
+            if window == windows:
                 break
             result = self.step(inputs, targets, state, stop=self.stop_signal is not None)
             if result.stop and self.stop_signal is None:  # another rank was signalled: stop together
@@ -279,9 +283,9 @@ class Trainer:
                 sums = [sums[0] + result.ce, sums[1] + result.kl, sums[2] + result.tokens]
             else:
                 bad_in_a_row += 1
-                state = self._skip_step(epoch, step, bad_in_a_row, batch_size, bar)
+                state = self._after_nonfinite_step(epoch, window, bad_in_a_row, batch_size, bar)
             bar.update(targets.numel() * world.size)
-            if step % 10 == 0 and sums[2]:
+            if window % 10 == 0 and sums[2]:
                 bar.set_postfix(
                     ppl=f"{perplexity(sums[0] / sums[2]):.1f}", run_left=self._run_eta(epoch), refresh=False
                 )
@@ -290,15 +294,16 @@ class Trainer:
             # arrived during this step.
             if result.stop or (not world.distributed and self.stop_signal is not None):
                 bar.close()
-                position = EpochPosition(step + 1, detach_state(state), tuple(sums), time.perf_counter() - began)
+                position = EpochPosition(window + 1, detach_state(state), tuple(sums), time.perf_counter() - began)
                 raise Interrupted(self.stop_signal, self.save_checkpoint(position))
         bar.close()
         self.position = EpochPosition()
         tokens = max(sums[2], 1.0)
         return {"ce": sums[0] / tokens, "kl": sums[1] / tokens, "tokens": sums[2], "s": time.perf_counter() - began}
 
-    def _skip_step(self, epoch: int, window: int, bad_in_a_row: int, batch_size: int, bar) -> tuple:
-        """A non-finite step was not applied: count it, and roll back after too many in a row."""
+    def _after_nonfinite_step(self, epoch: int, window: int, bad_in_a_row: int, batch_size: int, bar) -> tuple:
+        """A non-finite step was not applied: count it, raise Rollback after too many in a row, and
+        return a fresh (zero) recurrent state for the next window."""
         self.progress.skipped_steps += 1
         say(f"epoch {epoch} window {window}: non-finite loss or gradient, step skipped")
         if bad_in_a_row >= self.config.train.nonfinite_patience:
@@ -345,7 +350,7 @@ class Trainer:
             plain, tensors = trainer_state(
                 self.progress, self.optimizer, self.model, self.corpus_record, position, state
             )
-            save_checkpoint(folder, self.model, self.config, self.corpus.vocab, plain, tensors)
+            write_checkpoint_folder(folder, self.model, self.config, self.corpus.vocab, plain, tensors)
             if improved:
                 link_checkpoint(folder, self.folder.best)
             for old in self.folder.checkpoints()[: -faults.KEEP_CHECKPOINTS]:

@@ -2,7 +2,7 @@
 
 The objective of one window is the per-token loss summed over time and averaged over the
 batch, Σ_t Σ_b J_tb / B, which is what lr = 1 assumes (Zaremba et al.); J is cross-entropy,
-plus γ·τ·KL(ỹ‖ŷ) with the augmented loss (docs/method.md §3, tiedlm/loss.py).
+plus γ·τ·KL(ỹ‖ŷ) with the augmented loss (docs/method.md §3, tiedlm/loss/augmented.py).
 """
 
 from __future__ import annotations
