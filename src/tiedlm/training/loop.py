@@ -151,7 +151,10 @@ class Trainer:
         world.barrier()
 
     def _load_data_and_model(self, resume: Path | None) -> Checkpoint | None:
-        """The corpus, and the model: from the checkpoint resumed (returned), else built afresh."""
+        """The corpus, and the model: from the checkpoint resumed (returned), else built afresh.
+
+        Sets ``self.corpus``, ``self.model``, ``self.corpus_record`` and ``self.init_source``, and replaces
+        ``self.config`` by one whose ``data.corpus`` is the recorded absolute location."""
         config = self.config
         checkpoint = None
         if resume is not None:
@@ -181,7 +184,10 @@ class Trainer:
         return checkpoint
 
     def _build_step(self) -> TrainingStep | CapturedStep:
-        """The training step: eager, or replayed from a CUDA graph (train.cuda_graph, tiedlm/cuda_graph.py)."""
+        """The training step: eager, or replayed from a CUDA graph (train.cuda_graph, tiedlm/cuda_graph.py).
+
+        Also sets ``self.forward`` (the model, or its DistributedDataParallel wrapper) and
+        ``self.precision_info`` (what run.json records of this stretch's precision and step)."""
         config, world = self.config, self.world
         self.forward: torch.nn.Module = self.model
         if world.distributed:
