@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -157,6 +158,9 @@ def test_analyze_predictions_prints_and_reports(trained_run, tmp_path, capsys):
     assert text.count("(target `") == 2
     # Each checkpoint is named by what it is, not only by its path.
     assert f"- A: `{trained_run}`: config `tiny`" in text and "weights after epoch" in text
+    # Where the numbers come from: the commit, the machine, its threads and the study's wall time.
+    header = text.splitlines()[2]
+    assert re.search(r"\(commit `[0-9a-f?]{1,8}`, .+ \d+ threads?.*, \d+ s; do not edit by hand\)\.$", header), header
     # The same model twice: no claim can hold, since each needs a strict difference.
     assert text.count("does not hold") == 3
 
