@@ -151,10 +151,8 @@ class Trainer:
         world.barrier()
 
     def _load_data_and_model(self, resume: Path | None) -> Checkpoint | None:
-        """The corpus, and the model: from the checkpoint resumed (returned), else built afresh.
-
-        Sets ``self.corpus``, ``self.model``, ``self.corpus_record`` and ``self.init_source``, and replaces
-        ``self.config`` by one whose ``data.corpus`` is the recorded absolute location."""
+        """Sets ``self.corpus``, ``self.model`` (from the checkpoint resumed, returned, else afresh),
+        ``self.corpus_record``, ``self.init_source``, and ``self.config`` with the absolute ``data.corpus``."""
         config = self.config
         checkpoint = None
         if resume is not None:
@@ -184,10 +182,8 @@ class Trainer:
         return checkpoint
 
     def _build_step(self) -> TrainingStep | CapturedStep:
-        """The training step: eager, or replayed from a CUDA graph (train.cuda_graph, tiedlm/cuda_graph.py).
-
-        Also sets ``self.forward`` (the model, or its DistributedDataParallel wrapper) and
-        ``self.precision_info`` (what run.json records of this stretch's precision and step)."""
+        """The step, eager or a CUDA graph's replay (tiedlm/cuda_graph.py); also sets ``self.forward``
+        (the model or its DDP wrapper) and ``self.precision_info`` (run.json's record of the precision)."""
         config, world = self.config, self.world
         self.forward: torch.nn.Module = self.model
         if world.distributed:
@@ -347,8 +343,7 @@ class Trainer:
     def save_checkpoint(self, position: EpochPosition | None = None, improved: bool = False) -> Path:
         """Write the checkpoint at the current position, update best/, keep the last two.
 
-        Every rank calls it (the recurrent state is gathered from all of them); rank 0 writes.
-        """
+        Every rank calls it (the recurrent state is gathered from all of them); rank 0 writes."""
         window = position.window if position else 0
         state = self.world.gather_state(position.state) if position is not None and window else None
         folder = self.folder.checkpoints_dir / checkpoint_name(self.progress.epoch, window)
